@@ -1,0 +1,97 @@
+"""The vendor seam: the Backend protocol every vendor module implements, and loading backends by name.
+
+Backends register in the `unidra.backends` entry-point group (Unidra's own ones too), so an
+out-of-tree vendor package plugs in exactly like the built-in ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from driver.errors import BackendUnavailable
+from driver.model import ContainerEdits, Device
+
+ENTRY_POINT_GROUP = "unidra.backends"
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend gets at construction: where the host is mounted, the node, and its own options."""
+
+    host_root: Path = Path("/")
+    node_name: str = ""
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def host_path(self, path: str) -> Path:
+        """Map an absolute host path (`/sys/...`) under the host root."""
+        return self.host_root / path.lstrip("/")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One vendor's hardware, seen through Unidra's common device model."""
+
+    name: str
+
+    def discover(self) -> Sequence[Device]:
+        """Return every device of this vendor on the node."""
+        ...
+
+    def device_edits(self, device: Device) -> ContainerEdits:
+        """Container edits for one device (its own device nodes and env)."""
+        ...
+
+    def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
+        """Edits a claim needs once for all of its devices of this backend (control nodes, combined env)."""
+        ...
+
+
+BackendFactory = Callable[[BackendContext], Backend]
+
+
+def available_names() -> list[str]:
+    """Names of all backends registered through entry points."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_factory(name: str) -> BackendFactory:
+    """Find a backend factory by entry-point name, or by an explicit `module:attribute` reference."""
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            factory: BackendFactory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as err:
+            raise BackendUnavailable(f"backend {name!r} cannot be imported: {err}") from err
+        return factory
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+        loaded: BackendFactory = entry_point.load()
+        return loaded
+    known = ", ".join(available_names()) or "none (is unidra installed? try `pip install .`)"
+    raise BackendUnavailable(f"no backend named {name!r}; registered backends: {known}")
+
+
+def create(name: str, context: BackendContext) -> Backend:
+    """Load and construct one backend; BackendUnavailable carries the one-line reason if it cannot run."""
+    backend = load_factory(name)(context)
+    if not isinstance(backend, Backend):
+        raise BackendUnavailable(f"backend {name!r} does not implement the Backend protocol")
+    return backend
+
+
+def create_all(
+    names: Sequence[str], context_for: Callable[[str], BackendContext]
+) -> tuple[list[Backend], dict[str, str]]:
+    """Construct each named backend; a failing one is reported by its one-line reason, not raised."""
+    backends: list[Backend] = []
+    failures: dict[str, str] = {}
+    for name in names:
+        try:
+            backends.append(create(name, context_for(name)))
+        except BackendUnavailable as err:
+            failures[name] = str(err)
+    return backends, failures

@@ -1,0 +1,196 @@
+"""The `unidra` command: argv + environment -> Settings, then run a subcommand; errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from driver import __version__, backends, inspect, inventory, logs
+from driver.backends import BackendContext
+from driver.errors import ConfigError, UnidraError
+from driver.settings import DEFAULT_DRIVER_NAME, Settings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--simulate",
+        metavar="PROFILE|FILE",
+        default=_env("UNIDRA_SIMULATE"),
+        help="serve simulated devices from a built-in profile (dgx-h100, mixed, ...) or a profile file "
+        "[env UNIDRA_SIMULATE]",
+    )
+    parser.add_argument(
+        "--simulate-dev-root",
+        metavar="DIR",
+        default=_env("UNIDRA_SIMULATE_DEV_ROOT"),
+        help="fake /dev tree that simulated CDI device nodes point at [env UNIDRA_SIMULATE_DEV_ROOT]",
+    )
+    parser.add_argument(
+        "--host-root",
+        type=Path,
+        default=Path(_env("UNIDRA_HOST_ROOT", "/") or "/"),
+        help="where the host's / is mounted; sysfs, devfs and vendor CLIs are looked up under it "
+        "[env UNIDRA_HOST_ROOT, default /]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unidra", description="One Kubernetes DRA driver for every accelerator."
+    )
+    parser.add_argument("--version", action="version", version=f"unidra {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plugin = commands.add_parser("kubelet-plugin", help="run the node daemon that kubelet talks to")
+    plugin.add_argument("--node-name", default=_env("NODE_NAME"), help="this node [env NODE_NAME]")
+    plugin.add_argument(
+        "--driver-name",
+        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
+    )
+    plugin.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=_env("KUBECONFIG"),
+        help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
+    )
+    plugin.add_argument(
+        "--cdi-root",
+        type=Path,
+        default=Path(_env("UNIDRA_CDI_ROOT", "/var/run/cdi") or ""),
+        help="directory for transient CDI specs [env UNIDRA_CDI_ROOT, default /var/run/cdi]",
+    )
+    plugin.add_argument(
+        "--kubelet-registrar-directory-path",
+        type=Path,
+        default=Path(
+            _env("UNIDRA_KUBELET_REGISTRAR_DIRECTORY_PATH", "/var/lib/kubelet/plugins_registry")
+            or ""
+        ),
+        help="kubelet's plugin registration directory [env UNIDRA_KUBELET_REGISTRAR_DIRECTORY_PATH]",
+    )
+    plugin.add_argument(
+        "--kubelet-plugins-directory-path",
+        type=Path,
+        default=Path(
+            _env("UNIDRA_KUBELET_PLUGINS_DIRECTORY_PATH", "/var/lib/kubelet/plugins") or ""
+        ),
+        help="kubelet's plugins directory [env UNIDRA_KUBELET_PLUGINS_DIRECTORY_PATH]",
+    )
+    plugin.add_argument(
+        "--pod-uid",
+        default=_env("POD_UID"),
+        help="this pod's UID, for per-instance sockets during rolling upgrades [env POD_UID]",
+    )
+    _add_backend_flags(plugin)
+    _add_log_flags(plugin)
+
+    show = commands.add_parser("inspect", help="show the accelerators Unidra finds on this machine")
+    _add_backend_flags(show)
+    show.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    return parser
+
+
+def _add_log_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("UNIDRA_LOG_FORMAT", "text"),
+        help="log line format [env UNIDRA_LOG_FORMAT, default text]",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=int(_env("UNIDRA_VERBOSITY", "0") or 0),
+        help="debug logs",
+    )
+
+
+def _backend_selection(
+    args: argparse.Namespace,
+) -> tuple[tuple[str, ...], dict[str, dict[str, str]]]:
+    if args.simulate:
+        options = {"profile": args.simulate}
+        if args.simulate_dev_root:
+            options["dev-root"] = args.simulate_dev_root
+        return ("simulated",), {"simulated": options}
+    return (), {}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names, options = _backend_selection(args)
+    return Settings(
+        node_name=args.node_name or "",
+        driver_name=args.driver_name,
+        kubeconfig=args.kubeconfig,
+        cdi_root=args.cdi_root,
+        registrar_dir=args.kubelet_registrar_directory_path,
+        plugins_dir=args.kubelet_plugins_directory_path,
+        pod_uid=args.pod_uid,
+        host_root=args.host_root,
+        backends=names,
+        backend_options=options,
+    ).validate()
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from vendors.simulated import profiles
+
+    names, options = _backend_selection(args)
+    node = os.environ.get("NODE_NAME") or socket.gethostname()
+    built, failures = backends.create_all(
+        names,
+        lambda name: BackendContext(
+            host_root=args.host_root, node_name=node, options=options.get(name, {})
+        ),
+    )
+    found = inventory.discover(built)
+    failures.update(found.failures)
+    if args.output == "json":
+        print(inspect.as_json(found.devices, failures))
+        return 0
+    if found.devices:
+        print(inspect.table(found.devices))
+    else:
+        print("No accelerators found on this machine.")
+    for name, reason in sorted(failures.items()):
+        print(f"  {name}: {reason}")
+    if not args.simulate and not found.devices:
+        print("Try a simulated node: unidra inspect --simulate PROFILE, with PROFILE one of:")
+        print("  " + ", ".join(profiles.builtin_names()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        settings = _settings(args)
+        logs.setup(args.log_format, args.verbose)
+        from driver import daemon
+
+        return daemon.run(settings)
+    except ConfigError as err:
+        print(f"unidra: invalid setting: {err}", file=sys.stderr)
+        return 2
+    except UnidraError as err:
+        print(f"unidra: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

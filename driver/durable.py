@@ -1,0 +1,58 @@
+"""Crash-safe files: write to a temp file, fsync, rename over the target, fsync the directory.
+
+A reader therefore sees either the old or the new content, never a mix, even after kill -9 or
+power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically replace `path` with `data`, readable per `mode`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    sync_directory(path.parent)
+
+
+def remove(path: Path) -> bool:
+    """Remove `path` durably; a missing file is fine. Returns whether something was removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    sync_directory(path.parent)
+    return True
+
+
+def sync_directory(directory: Path) -> None:
+    """Persist renames and unlinks in `directory`."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
+    """Delete temp files a crash left behind while writing `name` in `directory`."""
+    removed = []
+    for candidate in directory.glob(f".{name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed

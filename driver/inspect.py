@@ -1,0 +1,87 @@
+"""Render an inventory for people (a table) or programs (JSON); pure functions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from driver.model import Device
+
+_COLUMNS = (
+    "NAME",
+    "VENDOR",
+    "TYPE",
+    "MODEL",
+    "ARCH",
+    "MEMORY",
+    "UNITS",
+    "PCI",
+    "NUMA",
+    "INTERCONNECT",
+)
+
+
+def human_bytes(value: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{value} B"
+
+
+def table(devices: Sequence[Device]) -> str:
+    rows = [
+        (
+            d.name,
+            d.vendor,
+            d.type.value,
+            d.model,
+            d.architecture,
+            human_bytes(d.memory_bytes),
+            str(d.compute_units),
+            d.pci_bus_id or "-",
+            "-" if d.numa_node is None else str(d.numa_node),
+            f"{d.interconnect.technology}:{d.interconnect.domain}" if d.interconnect else "-",
+        )
+        for d in devices
+    ]
+    widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [_COLUMNS, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def device_json(device: Device) -> dict[str, Any]:
+    return {
+        "name": device.name,
+        "backend": device.backend,
+        "vendor": device.vendor,
+        "type": device.type.value,
+        "model": device.model,
+        "architecture": device.architecture,
+        "uuid": device.uuid,
+        "index": device.index,
+        "memoryBytes": device.memory_bytes,
+        "computeUnits": device.compute_units,
+        "pciBusID": device.pci_bus_id,
+        "pcieRoot": device.pcie_root,
+        "numaNode": device.numa_node,
+        "driverVersion": device.driver_version,
+        "firmwareVersion": device.firmware_version,
+        "computeCapability": device.compute_capability,
+        "precisions": sorted(device.precisions),
+        "interconnect": (
+            {"technology": device.interconnect.technology, "domain": device.interconnect.domain}
+            if device.interconnect
+            else None
+        ),
+        "peers": list(device.peers),
+        "extra": dict(device.extra),
+    }
+
+
+def as_json(devices: Sequence[Device], failures: Mapping[str, str]) -> str:
+    document = {"devices": [device_json(d) for d in devices], "unavailableBackends": dict(failures)}
+    return json.dumps(document, indent=2)

@@ -1,0 +1,1 @@
+"""Everything kubelet speaks: plugin registration, the DRA gRPC services and their sockets."""

@@ -1,0 +1,67 @@
+"""Socket paths kubelet expects, the 108-byte AF_UNIX limit, and stale-socket clean-up.
+
+Registration: `<registrar-dir>/<driver>-reg.sock`; DRA service: `<plugins-dir>/<driver>/dra.sock`.
+With a pod UID (rolling upgrade) each instance gets its own: `<driver>-<uid>-reg.sock` and
+`dra-<uid>.sock`. When a name would not fit, the UID is replaced by a short digest of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from driver.errors import FatalError
+
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def registration_socket(registrar_dir: Path, driver: str, pod_uid: str | None) -> Path:
+    if not pod_uid:
+        return _fitting(registrar_dir / f"{driver}-reg.sock")
+    full = registrar_dir / f"{driver}-{pod_uid}-reg.sock"
+    if _fits(full):
+        return full
+    return _fitting(registrar_dir / f"{driver}-{_short(pod_uid)}-reg.sock")
+
+
+def dra_socket(plugin_dir: Path, pod_uid: str | None) -> Path:
+    if not pod_uid:
+        return _fitting(plugin_dir / "dra.sock")
+    full = plugin_dir / f"dra-{pod_uid}.sock"
+    return full if _fits(full) else _fitting(plugin_dir / f"dra-{_short(pod_uid)}.sock")
+
+
+def clear_stale(path: Path) -> bool:
+    """Remove a socket left by a crashed process; refuse to touch anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise FatalError(
+            f"{path} exists and is not a socket; remove it or choose another directory"
+        )
+    os.unlink(path)
+    return True
+
+
+def _short(pod_uid: str) -> str:
+    digest = hashlib.sha256(pod_uid.encode()).digest()
+    return base64.b32encode(digest).decode().lower()[:8]
+
+
+def _fits(path: Path) -> bool:
+    return len(os.fsencode(path)) <= MAX_SOCKET_PATH
+
+
+def _fitting(path: Path) -> Path:
+    if not _fits(path):
+        raise FatalError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}. "
+            "Use a shorter driver name or directory"
+        )
+    return path

@@ -1,0 +1,145 @@
+"""The vendor-neutral device model every backend fills in and the core consumes.
+
+Backends return these frozen dataclasses, never attribute dicts: only the core turns them into
+published attributes, which is what keeps one vocabulary across vendors.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+AttributeValue = bool | int | str
+_H = TypeVar("_H", bound=Hashable)
+
+
+class DeviceType(enum.StrEnum):
+    """The closed set of accelerator kinds (published as the `type` attribute)."""
+
+    GPU = "gpu"
+    NPU = "npu"
+    TPU = "tpu"
+    HPU = "hpu"
+
+
+@dataclass(frozen=True, slots=True)
+class Interconnect:
+    """A device-to-device fabric: devices sharing `domain` can talk over `technology`."""
+
+    technology: str
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One allocatable accelerator as discovered on this node."""
+
+    backend: str
+    vendor: str
+    type: DeviceType
+    model: str
+    architecture: str
+    uuid: str
+    index: int
+    memory_bytes: int
+    compute_units: int
+    pci_bus_id: str | None = None
+    pcie_root: str | None = None
+    numa_node: int | None = None
+    driver_version: str | None = None
+    firmware_version: str | None = None
+    compute_capability: str | None = None
+    precisions: frozenset[str] = frozenset()
+    interconnect: Interconnect | None = None
+    peers: tuple[str, ...] = ()
+    extra: Mapping[str, AttributeValue] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The device's name in the pool: stable across restarts and reboots (see docs/attributes.md)."""
+        return stable_device_name(self.type, self.pci_bus_id, self.uuid)
+
+
+_BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+def stable_device_name(device_type: DeviceType, pci_bus_id: str | None, uuid: str) -> str:
+    """Name a device by its PCI address (`gpu-0000-1b-00-0`), else by a digest of its UUID.
+
+    Enumeration order and driver indices change across reboots and driver reloads; the PCI
+    address of a slot does not, and it stays readable for operators.
+    """
+    if pci_bus_id is not None:
+        if not _BDF.match(pci_bus_id):
+            raise ValueError(f"PCI bus id {pci_bus_id!r} is not in kernel form dddd:bb:dd.f")
+        return f"{device_type}-{pci_bus_id.replace(':', '-').replace('.', '-')}"
+    digest = hashlib.sha256(uuid.encode()).hexdigest()[:12]
+    return f"{device_type}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    """A device node to create in the container (CDI `deviceNodes` entry)."""
+
+    path: str
+    host_path: str | None = None
+    type: str = "c"
+    major: int | None = None
+    minor: int | None = None
+    permissions: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A bind mount into the container (CDI `mounts` entry)."""
+
+    host_path: str
+    container_path: str
+    options: tuple[str, ...] = ("ro", "nosuid", "nodev", "bind")
+    type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """An OCI hook the runtime runs (CDI `hooks` entry)."""
+
+    hook_name: str
+    path: str
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    timeout: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEdits:
+    """What a container needs to use a device; the core writes these into CDI specs."""
+
+    env: tuple[str, ...] = ()
+    device_nodes: tuple[DeviceNode, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    hooks: tuple[Hook, ...] = ()
+
+    def merged(self, others: Iterable[ContainerEdits]) -> ContainerEdits:
+        """Concatenate edits, keeping the first of duplicates and the first value of each env name."""
+        parts = [self, *others]
+        env: dict[str, str] = {}
+        for part in parts:
+            for item in part.env:
+                env.setdefault(item.split("=", 1)[0], item)
+        return ContainerEdits(
+            env=tuple(env.values()),
+            device_nodes=_unique(node for part in parts for node in part.device_nodes),
+            mounts=_unique(mount for part in parts for mount in part.mounts),
+            hooks=_unique(hook for part in parts for hook in part.hooks),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.env or self.device_nodes or self.mounts or self.hooks)
+
+
+def _unique(items: Iterable[_H]) -> tuple[_H, ...]:
+    return tuple(dict.fromkeys(items))

@@ -1,0 +1,354 @@
+"""PREPARE and UNPREPARE claims: plan (pure) -> checkpoint PrepareStarted -> CDI spec -> PrepareCompleted.
+
+The claim is fetched from the API before any lock is taken. Everything after the fetch is
+idempotent: a claim already completed in the checkpoint is answered from it without side
+effects, and unprepare succeeds for claims it has never seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from driver import cdi, claims, crashpoints, durable, opaque
+from driver.checkpoint import (
+    Checkpoint,
+    CheckpointCorrupt,
+    CheckpointStore,
+    PreparedClaim,
+    PreparedDevice,
+    PrepareState,
+)
+from driver.claims import AllocatedClaim, AllocationResult, ClaimRef
+from driver.errors import ClaimError, ConfigError
+from driver.inventory import Inventory
+from driver.locks import FileLocks
+from driver.model import ContainerEdits, Device
+
+log = logging.getLogger(__name__)
+
+ClaimSource = Callable[[ClaimRef], Mapping[str, object]]
+ADMIN_ACCESS_ENV = "DRA_ADMIN_ACCESS=true"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What preparing a claim will write, computed without side effects."""
+
+    devices: tuple[PreparedDevice, ...]
+    spec: dict[str, object]
+
+
+@dataclass
+class Timings:
+    """Where the time of the last prepare went, for benchmarks and debug logs."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    rolled_back: tuple[str, ...] = ()
+    rewritten: tuple[str, ...] = ()
+    orphans_removed: tuple[str, ...] = ()
+    rebuilt_from_cdi: tuple[str, ...] = ()
+    corrupt_checkpoint: str | None = None
+
+
+class Preparer:
+    """Prepares and unprepares claims for one driver on one node."""
+
+    def __init__(
+        self,
+        *,
+        driver: str,
+        pool: str,
+        inventory: Callable[[], Inventory],
+        claim_source: ClaimSource,
+        store: CheckpointStore,
+        locks: FileLocks,
+        cdi_root: Path,
+    ) -> None:
+        self.driver = driver
+        self.pool = pool
+        self.inventory = inventory
+        self.claim_source = claim_source
+        self.store = store
+        self.locks = locks
+        self.cdi_root = cdi_root
+
+    def prepare(self, ref: ClaimRef, timings: Timings | None = None) -> tuple[PreparedDevice, ...]:
+        """Prepare one claim and return its devices; raises an UnidraError for this claim only."""
+        timings = timings or Timings()
+        started = time.perf_counter()
+        self._check_uid(ref)
+        done = self.store.read().claims.get(ref.uid)
+        if done is not None and done.state is PrepareState.COMPLETED:
+            return done.devices
+        claim = claims.parse(self.claim_source(ref), ref)
+        started = timings.mark("claim_get", started)
+        plan = self.plan(claim)
+        started = timings.mark("plan", started)
+        with self.locks.claim(ref.uid):
+            started = timings.mark("lock_wait", started)
+            with self.store.update() as checkpoint:
+                current = checkpoint.claims.get(ref.uid)
+                if current is not None and current.state is PrepareState.COMPLETED:
+                    return current.devices
+                self._check_conflicts(checkpoint, ref, plan.devices)
+                checkpoint.claims[ref.uid] = PreparedClaim(
+                    uid=ref.uid,
+                    namespace=ref.namespace,
+                    name=ref.name,
+                    state=PrepareState.STARTED,
+                    devices=plan.devices,
+                    consumers=claim.reserved_for,
+                )
+            started = timings.mark("checkpoint_started", started)
+            crashpoints.hit("prepare-after-started")
+            cdi.write_spec(cdi.spec_path(self.cdi_root, self.driver, ref.uid), plan.spec)
+            started = timings.mark("cdi_write", started)
+            crashpoints.hit("prepare-after-cdi")
+            with self.store.update() as checkpoint:
+                entry = checkpoint.claims[ref.uid]
+                checkpoint.claims[ref.uid] = replace(entry, state=PrepareState.COMPLETED)
+            timings.mark("checkpoint_completed", started)
+        log.info(
+            "Prepared claim",
+            extra={"claim": str(ref), "uid": ref.uid, "devices": len(plan.devices)},
+        )
+        return plan.devices
+
+    def unprepare(self, ref: ClaimRef) -> None:
+        """Undo prepare; succeeds for unknown claims and needs nothing but the checkpoint."""
+        self._check_uid(ref)
+        with self.locks.claim(ref.uid):
+            removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
+            crashpoints.hit("unprepare-after-cdi-removed")
+            with self.store.update() as checkpoint:
+                known = checkpoint.claims.pop(ref.uid, None) is not None
+        if known or removed:
+            log.info("Unprepared claim", extra={"claim": str(ref), "uid": ref.uid})
+
+    def plan(self, claim: AllocatedClaim) -> Plan:
+        """Devices, config and the CDI spec for a claim; pure apart from reading the inventory."""
+        results = claims.results_for(claim, self.driver, self.pool)
+        decoded = opaque.decode_all(claim.config, self.driver)
+        configured = [(result, opaque.effective(decoded, result)) for result in results]
+        return self._render(claim.ref.uid, configured)
+
+    def recover(self) -> RecoveryReport:
+        """Repair state after a crash or reboot; run once at start before serving kubelet."""
+        durable.remove_stale_temporaries(self.cdi_root, f"k8s.{self.driver}-{cdi.CLASS}_")
+        durable.remove_stale_temporaries(self.store.path.parent, self.store.path.name)
+        corrupt = None
+        rebuilt: list[str] = []
+        with self.locks.state():
+            try:
+                checkpoint = self.store.read()
+            except CheckpointCorrupt as err:
+                corrupt = self._set_aside_corrupt(str(err))
+                checkpoint = self._rebuild_from_cdi()
+                rebuilt = sorted(checkpoint.claims)
+                self.store.write(checkpoint)
+        rolled_back, rewritten, orphans = [], [], []
+        with self.store.update() as checkpoint:
+            for uid, entry in list(checkpoint.claims.items()):
+                with self.locks.try_claim(uid) as free:
+                    if not free:
+                        continue  # another instance is preparing it right now
+                    path = cdi.spec_path(self.cdi_root, self.driver, uid)
+                    if entry.state is PrepareState.STARTED:
+                        durable.remove(path)
+                        del checkpoint.claims[uid]
+                        rolled_back.append(uid)
+                    elif self._restore_spec(entry, path):
+                        rewritten.append(uid)
+            for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
+                if uid not in checkpoint.claims:
+                    with self.locks.try_claim(uid) as free:
+                        if free and durable.remove(path):
+                            orphans.append(uid)
+        report = RecoveryReport(
+            rolled_back=tuple(rolled_back),
+            rewritten=tuple(rewritten),
+            orphans_removed=tuple(orphans),
+            rebuilt_from_cdi=tuple(rebuilt),
+            corrupt_checkpoint=corrupt,
+        )
+        _log_recovery(report)
+        return report
+
+    def _render(
+        self, uid: str, configured: Sequence[tuple[AllocationResult, opaque.DeviceConfig]]
+    ) -> Plan:
+        inventory = self.inventory()
+        prepared: list[PreparedDevice] = []
+        cdi_devices: dict[str, cdi.CdiDevice] = {}
+        by_backend: dict[str, list[Device]] = {}
+        for result, config in configured:
+            device = self._device(inventory, result)
+            backend = inventory.backend_of(device)
+            edits = self._device_edits(backend.device_edits(device), config, result)
+            name = cdi.device_name(uid, device.name, result.share_id)
+            cdi_devices[name] = cdi.CdiDevice(name, edits)
+            by_backend.setdefault(device.backend, []).append(device)
+            prepared.append(
+                PreparedDevice(
+                    request=result.request,
+                    pool=result.pool,
+                    device=result.device,
+                    cdi_ids=(cdi.qualified_name(self.driver, name),),
+                    admin_access=result.admin_access,
+                    share_id=result.share_id,
+                    config=config.to_json(),
+                )
+            )
+        shared = ContainerEdits().merged(
+            inventory.backends[name].shared_edits(devices) for name, devices in by_backend.items()
+        )
+        spec = cdi.build_claim_spec(self.driver, list(cdi_devices.values()), shared)
+        return Plan(devices=tuple(prepared), spec=spec)
+
+    def _device(self, inventory: Inventory, result: AllocationResult) -> Device:
+        device = inventory.get(result.device)
+        if device is None:
+            raise ClaimError(
+                f"device {result.device} (request {result.request}) is not a device of this node; "
+                f"the pool {self.pool} has {len(inventory.devices)} devices"
+            )
+        return device
+
+    @staticmethod
+    def _device_edits(
+        own: ContainerEdits, config: opaque.DeviceConfig, result: AllocationResult
+    ) -> ContainerEdits:
+        taken = {item.split("=", 1)[0] for item in own.env}
+        clash = sorted(taken & set(config.env))
+        if clash:
+            raise ConfigError(
+                f"opaque config env[{clash[0]!r}]",
+                f"is set by the driver for device {result.device} and cannot be overridden",
+            )
+        extra = [config.edits()]
+        if result.admin_access:
+            extra.append(ContainerEdits(env=(ADMIN_ACCESS_ENV,)))
+        return own.merged(extra)
+
+    def _check_conflicts(
+        self, checkpoint: Checkpoint, ref: ClaimRef, devices: Sequence[PreparedDevice]
+    ) -> None:
+        wanted = {(d.pool, d.device) for d in devices if d.exclusive}
+        for other in checkpoint.claims.values():
+            if other.uid == ref.uid:
+                continue
+            for device in other.devices:
+                if device.exclusive and (device.pool, device.device) in wanted:
+                    raise ClaimError(
+                        f"device {device.device} is already prepared for claim {other.namespace}/{other.name} "
+                        f"(UID {other.uid}); it is unprepared when that claim's pods are gone"
+                    )
+
+    def _restore_spec(self, entry: PreparedClaim, path: Path) -> bool:
+        """Rewrite a completed claim's CDI spec if it is missing or differs (e.g. /var/run was wiped by a reboot)."""
+        configured = [
+            (
+                AllocationResult(
+                    request=d.request,
+                    driver=self.driver,
+                    pool=d.pool,
+                    device=d.device,
+                    admin_access=d.admin_access,
+                    share_id=d.share_id,
+                ),
+                opaque.decode_stored(d.config),
+            )
+            for d in entry.devices
+        ]
+        try:
+            plan = self._render(entry.uid, configured)
+        except (ClaimError, ConfigError) as err:
+            log.warning(
+                "Cannot restore CDI spec of prepared claim",
+                extra={"uid": entry.uid, "reason": str(err)},
+            )
+            return False
+        if cdi.read_spec(path) == plan.spec:
+            return False
+        cdi.write_spec(path, plan.spec)
+        return True
+
+    def _set_aside_corrupt(self, reason: str) -> str:
+        target = self.store.path.with_name(f"{self.store.path.name}.corrupt-{int(time.time())}")
+        self.store.path.rename(target)
+        durable.sync_directory(target.parent)
+        log.error(
+            "Checkpoint is corrupt; moved aside and rebuilt from CDI specs",
+            extra={"reason": reason, "moved_to": str(target)},
+        )
+        return f"{reason} (moved to {target})"
+
+    def _rebuild_from_cdi(self) -> Checkpoint:
+        """Recover what a corrupt checkpoint held from the claims' CDI specs (request names are lost)."""
+        names = set(self.inventory().by_name)
+        checkpoint = Checkpoint()
+        for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
+            spec = cdi.read_spec(path) or {}
+            devices = []
+            for entry in spec.get("devices", []):
+                cdi_name = str(entry.get("name", ""))
+                device, share = _split_cdi_name(cdi_name.removeprefix(f"{uid}-"), names)
+                devices.append(
+                    PreparedDevice(
+                        request="",
+                        pool=self.pool,
+                        device=device,
+                        cdi_ids=(cdi.qualified_name(self.driver, cdi_name),),
+                        share_id=share,
+                    )
+                )
+            checkpoint.claims[uid] = PreparedClaim(
+                uid=uid, namespace="", name="", state=PrepareState.COMPLETED, devices=tuple(devices)
+            )
+        return checkpoint
+
+    @staticmethod
+    def _check_uid(ref: ClaimRef) -> None:
+        if not cdi.valid_claim_uid(ref.uid):
+            raise ClaimError(f"claim {ref} has an invalid UID {ref.uid!r}")
+
+
+def _split_cdi_name(rest: str, device_names: set[str]) -> tuple[str, str | None]:
+    """Split `<device>[-<shareID>]` using the known device names."""
+    if rest in device_names:
+        return rest, None
+    for name in device_names:
+        if rest.startswith(name + "-"):
+            return name, rest[len(name) + 1 :]
+    return rest, None
+
+
+def _log_recovery(report: RecoveryReport) -> None:
+    if report.rolled_back:
+        log.warning(
+            "Rolled back claims whose prepare was interrupted",
+            extra={"uids": list(report.rolled_back)},
+        )
+    if report.rewritten:
+        log.warning(
+            "Rewrote missing or stale CDI specs of prepared claims",
+            extra={"uids": list(report.rewritten)},
+        )
+    if report.orphans_removed:
+        log.warning(
+            "Removed CDI specs of claims not in the checkpoint",
+            extra={"uids": list(report.orphans_removed)},
+        )

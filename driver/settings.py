@@ -1,0 +1,69 @@
+"""Daemon settings: one frozen dataclass built from flags and environment in driver.cli, validated here.
+
+Backend-specific options live in `backend_options[<backend>]`, owned by that backend.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from driver.errors import ConfigError
+
+DEFAULT_DRIVER_NAME = "unidra.dev"
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    node_name: str
+    driver_name: str = DEFAULT_DRIVER_NAME
+    kubeconfig: Path | None = None
+    cdi_root: Path = Path("/var/run/cdi")
+    registrar_dir: Path = Path("/var/lib/kubelet/plugins_registry")
+    plugins_dir: Path = Path("/var/lib/kubelet/plugins")
+    pod_uid: str | None = None
+    host_root: Path = Path("/")
+    backends: tuple[str, ...] = ()
+    backend_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Time kubelet's in-flight calls get to finish after SIGTERM; kubelet's own call timeout is 45 s.
+    shutdown_grace_seconds: float = 20.0
+
+    @property
+    def plugin_dir(self) -> Path:
+        """The driver's private directory: DRA socket, checkpoint and lock file."""
+        return self.plugins_dir / self.driver_name
+
+    @property
+    def pool_name(self) -> str:
+        """One pool per node, named after the node."""
+        return self.node_name
+
+    def validate(self) -> Settings:
+        if not self.node_name:
+            raise ConfigError(
+                "--node-name", "is required (or set NODE_NAME, e.g. from the downward API)"
+            )
+        if len(self.node_name) > 253 or not _DNS_SUBDOMAIN.match(self.node_name):
+            raise ConfigError(
+                "--node-name", f"{self.node_name!r} is not a valid Kubernetes node name"
+            )
+        if len(self.driver_name) > 63 or not _DNS_SUBDOMAIN.match(self.driver_name):
+            raise ConfigError(
+                "--driver-name",
+                f"{self.driver_name!r} must be a lowercase DNS subdomain of at most 63 characters",
+            )
+        for flag, path in (
+            ("--cdi-root", self.cdi_root),
+            ("--kubelet-registrar-directory-path", self.registrar_dir),
+            ("--kubelet-plugins-directory-path", self.plugins_dir),
+            ("--host-root", self.host_root),
+        ):
+            if not path.is_absolute():
+                raise ConfigError(
+                    flag,
+                    f"{path} must be an absolute path (kubelet and the runtime see host paths)",
+                )
+        return self

@@ -1,0 +1,160 @@
+"""The `unidra kubelet-plugin` process: graceful SIGTERM, and kill -9 mid-prepare repaired on the next start.
+
+Crashes are placed exactly with UNIDRA_CRASHPOINT (driver.crashpoints), so every interrupted
+state is reproduced deterministically.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from support import kubelet
+from support.apiserver import FakeApiServer
+from support.claims import allocated_claim, result
+
+from driver import cdi, crashpoints
+from driver.checkpoint import CheckpointStore, PrepareState
+from driver.locks import FileLocks
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "node-a"
+
+
+class Process:
+    def __init__(self, node, crashpoint: str = "") -> None:  # type: ignore[no-untyped-def]
+        env = {**os.environ, "UNIDRA_CRASHPOINT": crashpoint, "PYTHONUNBUFFERED": "1"}
+        self.log = open(node.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "driver", *node.argv()],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=self.log,
+        )
+
+    def wait_registered(self, node) -> kubelet.Plugin:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 30
+        while not kubelet.find_registration_sockets(node.registrar_dir):
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.proc.returncode}: {self.output(node)}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.output(node))
+            time.sleep(0.01)
+        return kubelet.wait_for_registration(node.registrar_dir)
+
+    @staticmethod
+    def output(node) -> str:  # type: ignore[no-untyped-def]
+        return (node.root / "daemon.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def checkpoint_claims(node) -> dict:  # type: ignore[no-untyped-def]
+    locks = FileLocks(node.plugin_dir / "serialize.lock")
+    return CheckpointStore(node.plugin_dir / "checkpoint.json", locks).read().claims
+
+
+def test_sigterm_finishes_in_flight_calls_and_removes_both_sockets(
+    node, api: FakeApiServer, processes
+) -> None:
+    process = Process(node)
+    processes.append(process)
+    plugin = process.wait_registered(node)
+    claim = allocated_claim(api, "slow", [result("gpu-0000-1b-00-0", POOL)])
+    # Hold the claim GET in the API server so the call is in flight when SIGTERM arrives.
+    fault = api.fail(
+        lambda method, path: path.endswith("/resourceclaims/slow"), status=None, delay=1.5
+    )
+    answers: list[kubelet.ClaimResult] = []
+    caller = threading.Thread(target=lambda: answers.append(plugin.prepare([claim])[claim[2]]))
+    caller.start()
+    deadline = time.monotonic() + 10
+    while fault.hits == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+    process.proc.send_signal(signal.SIGTERM)
+    caller.join(timeout=30)
+
+    assert process.proc.wait(timeout=30) == 0, process.output(node)
+    assert answers and answers[0].error == "" and len(answers[0].devices) == 1
+    assert not (node.registrar_dir / "unidra.dev-reg.sock").exists()
+    assert not (node.plugin_dir / "dra.sock").exists()
+    plugin.close()
+
+
+@pytest.mark.parametrize("point", ["prepare-after-started", "prepare-after-cdi"])
+def test_kill_during_prepare_is_rolled_back_on_next_start(
+    node, api: FakeApiServer, processes, point: str
+) -> None:
+    crashing = Process(node, crashpoint=point)
+    processes.append(crashing)
+    plugin = crashing.wait_registered(node)
+    claim = allocated_claim(api, "interrupted", [result("gpu-0000-1b-00-0", POOL)])
+    with pytest.raises(grpc.RpcError):
+        plugin.prepare([claim])
+    plugin.close()
+    assert crashing.proc.wait(timeout=30) == -signal.SIGKILL
+    assert checkpoint_claims(node)[claim[2]].state is PrepareState.STARTED
+
+    restarted = Process(node)
+    processes.append(restarted)
+    plugin = restarted.wait_registered(node)
+
+    assert claim[2] not in checkpoint_claims(node)
+    assert cdi.claim_specs(node.cdi_root, "unidra.dev") == {}
+    assert "Rolled back claims whose prepare was interrupted" in Process.output(node)
+    answer = plugin.prepare([claim])[claim[2]]  # kubelet's retry succeeds
+    assert answer.error == "" and len(answer.devices) == 1
+    plugin.close()
+
+
+def test_kill_during_unprepare_is_finished_by_kubelet_retry(
+    node, api: FakeApiServer, processes
+) -> None:
+    crashing = Process(node, crashpoint="unprepare-after-cdi-removed")
+    processes.append(crashing)
+    plugin = crashing.wait_registered(node)
+    claim = allocated_claim(api, "leaving", [result("gpu-0000-1b-00-0", POOL)])
+    assert plugin.prepare([claim])[claim[2]].error == ""
+    with pytest.raises(grpc.RpcError):
+        plugin.unprepare([claim])
+    plugin.close()
+    crashing.proc.wait(timeout=30)
+
+    restarted = Process(node)
+    processes.append(restarted)
+    plugin = restarted.wait_registered(node)
+    # The claim is still recorded, so its spec was restored; the retried unprepare removes both.
+    assert claim[2] in checkpoint_claims(node)
+    assert plugin.unprepare([claim])[claim[2]].error == ""
+    assert claim[2] not in checkpoint_claims(node)
+    assert cdi.claim_specs(node.cdi_root, "unidra.dev") == {}
+    plugin.close()
+
+
+def test_every_crashpoint_is_exercised_by_a_test() -> None:
+    source = Path(__file__).read_text()
+    assert all(point in source for point in crashpoints.POINTS)

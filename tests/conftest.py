@@ -1,0 +1,100 @@
+"""Shared fixtures: a fake API server, short temp dirs for sockets, and an in-process daemon with a fake kubelet."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import kubelet
+from support.apiserver import FakeApiServer
+
+from driver import daemon
+from driver.settings import Settings
+
+NODE = "node-a"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="u", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as server:
+        server.create("", "nodes", {"metadata": {"name": NODE}})
+        yield server
+
+
+@dataclass
+class Node:
+    """Paths of one simulated node, shared by the daemon and the fake kubelet."""
+
+    root: Path
+    kubeconfig: Path
+
+    @property
+    def registrar_dir(self) -> Path:
+        return self.root / "plugins_registry"
+
+    @property
+    def plugins_dir(self) -> Path:
+        return self.root / "plugins"
+
+    @property
+    def plugin_dir(self) -> Path:
+        return self.plugins_dir / "unidra.dev"
+
+    @property
+    def cdi_root(self) -> Path:
+        return self.root / "cdi"
+
+    def settings(self, profile: str = "dgx-h100", **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "node_name": NODE,
+            "kubeconfig": self.kubeconfig,
+            "cdi_root": self.cdi_root,
+            "registrar_dir": self.registrar_dir,
+            "plugins_dir": self.plugins_dir,
+            "backends": ("simulated",),
+            "backend_options": {"simulated": {"profile": profile}},
+            "shutdown_grace_seconds": 5.0,
+        }
+        values.update(overrides)
+        return Settings(**values).validate()  # type: ignore[arg-type]
+
+    def argv(self, profile: str = "dgx-h100") -> list[str]:
+        """The same node as `unidra kubelet-plugin` arguments."""
+        return [
+            "kubelet-plugin",
+            f"--node-name={NODE}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--cdi-root={self.cdi_root}",
+            f"--kubelet-registrar-directory-path={self.registrar_dir}",
+            f"--kubelet-plugins-directory-path={self.plugins_dir}",
+            f"--simulate={profile}",
+        ]
+
+
+@pytest.fixture
+def node(short_tmp: Path, api: FakeApiServer) -> Node:
+    return Node(root=short_tmp, kubeconfig=api.write_kubeconfig(short_tmp / "kubeconfig"))
+
+
+@pytest.fixture
+def running(node: Node) -> Iterator[tuple[daemon.Daemon, kubelet.Plugin]]:
+    """A started daemon (dgx-h100) and the fake kubelet's registered connection to it."""
+    instance = daemon.start(node.settings())
+    plugin = kubelet.wait_for_registration(node.registrar_dir, expected_driver="unidra.dev")
+    try:
+        yield instance, plugin
+    finally:
+        plugin.close()
+        instance.stop()

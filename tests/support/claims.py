@@ -1,0 +1,60 @@
+"""Build ResourceClaim objects as the scheduler leaves them: allocated, reserved for a pod."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from support.apiserver import FakeApiServer
+
+DRIVER = "unidra.dev"
+CONFIG_API = "resource.unidra.dev/v1alpha1"
+
+
+def result(
+    device: str, pool: str, request: str = "gpu", driver: str = DRIVER, **extra: Any
+) -> dict[str, Any]:
+    return {"request": request, "driver": driver, "pool": pool, "device": device, **extra}
+
+
+def env_config(
+    env: dict[str, str],
+    requests: Sequence[str] = (),
+    source: str = "FromClaim",
+    driver: str = DRIVER,
+) -> dict[str, Any]:
+    return {
+        "source": source,
+        "requests": list(requests),
+        "opaque": {
+            "driver": driver,
+            "parameters": {"apiVersion": CONFIG_API, "kind": "DeviceConfig", "env": env},
+        },
+    }
+
+
+def allocated_claim(
+    api: FakeApiServer,
+    name: str,
+    results: Sequence[dict[str, Any]],
+    namespace: str = "default",
+    config: Sequence[dict[str, Any]] = (),
+    allocated: bool = True,
+) -> tuple[str, str, str]:
+    """Create an allocated claim in the API server; returns kubelet's (namespace, name, uid) triple."""
+    claim = {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "unidra.dev"}}]}
+        },
+        "status": {},
+    }
+    created = api.create("resource.k8s.io", "resourceclaims", claim)
+    if allocated:
+        created["status"] = {
+            "allocation": {"devices": {"results": list(results), "config": list(config)}},
+            "reservedFor": [{"resource": "pods", "name": f"{name}-pod", "uid": str(uuid.uuid4())}],
+        }
+        created = api.update("resource.k8s.io", "resourceclaims", created, subresource="status")
+    return namespace, name, created["metadata"]["uid"]

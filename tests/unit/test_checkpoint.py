@@ -1,0 +1,78 @@
+"""Checkpoint encoding: round trip, checksum, version, and change detection across writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from driver.checkpoint import (
+    Checkpoint,
+    CheckpointCorrupt,
+    CheckpointStore,
+    PreparedClaim,
+    PreparedDevice,
+    PrepareState,
+    decode,
+    encode,
+)
+from driver.claims import Consumer
+from driver.locks import FileLocks
+
+
+def sample() -> Checkpoint:
+    device = PreparedDevice(
+        "gpu/big", "node", "gpu-a", ("k8s.d/claim=u-gpu-a",), False, None, {"env": {"A": "1"}}
+    )
+    claim = PreparedClaim(
+        "u", "ns", "c", PrepareState.COMPLETED, (device,), (Consumer("pods", "p", "pu"),)
+    )
+    return Checkpoint(boot_id="boot-1", claims={"u": claim})
+
+
+def test_round_trip() -> None:
+    assert decode(encode(sample())) == sample()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda text: text[: len(text) // 2], "not valid JSON"),
+        (lambda text: text.replace('"gpu-a"', '"gpu-b"', 1), "checksum mismatch"),
+        (
+            lambda text: text.replace("unidra.dev/v1", "unidra.dev/v9"),
+            "unsupported checkpoint unidra.dev/v9",
+        ),
+        (lambda text: "[]", "top level is not an object"),
+    ],
+    ids=["truncated", "edited", "newer-version", "wrong-shape"],
+)
+def test_damage_is_detected_with_a_reason(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CheckpointCorrupt, match=reason):
+        decode(mutate(encode(sample()).decode()).encode())
+
+
+def test_store_sees_writes_of_another_instance(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.json"
+    mine = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    other = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    assert mine.read().claims == {}
+    with other.update() as checkpoint:
+        checkpoint.claims.update(sample().claims)
+    assert mine.read().claims == sample().claims
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_update_without_change_does_not_write(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoint.json", FileLocks(tmp_path / "lock"))
+    with store.update():
+        pass
+    assert not (tmp_path / "checkpoint.json").exists()
+
+
+def test_file_is_readable_json_for_operators(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoint.json", FileLocks(tmp_path / "lock"))
+    store.write(sample())
+    body = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert body["kind"] == "Checkpoint" and body["claims"][0]["state"] == "PrepareCompleted"

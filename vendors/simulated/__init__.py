@@ -1,0 +1,147 @@
+"""The simulated backend: realistic devices from node profiles, for demos, tests and benchmarks.
+
+Devices carry the attributes and CDI edits of the real vendor (device node names, majors and
+minors, env). With the `dev-root` option, CDI device nodes point at that fake /dev tree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from driver.backends import BackendContext
+from driver.errors import BackendUnavailable
+from driver.model import ContainerEdits, Device, DeviceNode, Interconnect
+from vendors.simulated import profiles
+from vendors.simulated.profiles import ModelSpec, NodeTemplate, Placement
+
+# A fixed namespace so the same node and profile always yield the same device UUIDs.
+_UUID_NAMESPACE = uuid.UUID("6f2c1a4e-93d1-4c55-9a7e-2b7f0e4d5c10")
+
+
+@dataclass(frozen=True)
+class _Simulated:
+    """A discovered device together with what is needed to build its container edits."""
+
+    device: Device
+    model: ModelSpec
+    index: int
+    drm: int
+
+
+class SimulatedBackend:
+    """Backend over a node profile (`--simulate PROFILE|FILE`)."""
+
+    name = "simulated"
+
+    def __init__(self, context: BackendContext) -> None:
+        profile_ref = context.options.get("profile")
+        if not profile_ref:
+            raise BackendUnavailable(
+                "the simulated backend needs a profile: pass --simulate with one of "
+                + ", ".join(profiles.builtin_names())
+            )
+        self.profile = profiles.load(profile_ref)
+        self.node_name = context.node_name
+        dev_root = context.options.get("dev-root")
+        self.dev_root = dev_root.rstrip("/") if dev_root else None
+        self._devices = self._build()
+
+    def discover(self) -> Sequence[Device]:
+        return [entry.device for entry in self._devices.values()]
+
+    def device_edits(self, device: Device) -> ContainerEdits:
+        entry = self._entry(device)
+        return ContainerEdits(
+            env=tuple(self._expand(item, entry) for item in entry.model.env),
+            device_nodes=tuple(self._node(node, entry) for node in entry.model.device_nodes),
+        )
+
+    def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
+        entries = [self._entry(device) for device in devices]
+        models = list(dict.fromkeys(entry.model for entry in entries))
+        env = [item for model in models for item in model.shared_env]
+        for model in models:
+            for name, template in model.claim_env:
+                values = [self._expand(template, e) for e in entries if e.model == model]
+                env.append(f"{name}={','.join(values)}")
+        nodes = [
+            self._node(node, entries[0]) for model in models for node in model.shared_device_nodes
+        ]
+        return ContainerEdits(env=tuple(env), device_nodes=tuple(dict.fromkeys(nodes)))
+
+    def _entry(self, device: Device) -> _Simulated:
+        try:
+            return self._devices[device.uuid]
+        except KeyError:
+            raise KeyError(
+                f"device {device.name} is not from profile {self.profile.name}"
+            ) from None
+
+    def _build(self) -> dict[str, _Simulated]:
+        vendor_counts: dict[str, int] = {}
+        drm_count = 0
+        numbered = []
+        for placement in self.profile.placements:
+            model = placement.model
+            index = vendor_counts.get(model.vendor, 0)
+            vendor_counts[model.vendor] = index + 1
+            seed = f"{self.node_name}/{self.profile.name}/{placement.pci_bus_id}"
+            device_uuid = model.uuid_prefix + str(uuid.uuid5(_UUID_NAMESPACE, seed))
+            numbered.append((placement, device_uuid, index, drm_count))
+            drm_count += model.uses_drm_numbering
+        members: dict[str, list[str]] = {}
+        for placement, device_uuid, _, _ in numbered:
+            if placement.interconnect_domain:
+                members.setdefault(placement.interconnect_domain, []).append(device_uuid)
+        result = {}
+        for placement, device_uuid, index, drm in numbered:
+            peers = [
+                p for p in members.get(placement.interconnect_domain or "", []) if p != device_uuid
+            ]
+            device = self._device(placement, device_uuid, index, tuple(peers))
+            result[device_uuid] = _Simulated(device, placement.model, index, drm)
+        return result
+
+    def _device(
+        self, placement: Placement, device_uuid: str, index: int, peers: tuple[str, ...]
+    ) -> Device:
+        model = placement.model
+        interconnect = None
+        if model.interconnect and placement.interconnect_domain:
+            interconnect = Interconnect(model.interconnect, placement.interconnect_domain)
+        return Device(
+            backend=self.name,
+            vendor=model.vendor,
+            type=model.type,
+            model=model.model,
+            architecture=model.architecture,
+            uuid=device_uuid,
+            index=index,
+            memory_bytes=model.memory,
+            compute_units=model.compute_units,
+            pci_bus_id=placement.pci_bus_id,
+            pcie_root=placement.pcie_root,
+            numa_node=placement.numa_node,
+            driver_version=model.driver_version,
+            firmware_version=model.firmware_version,
+            compute_capability=model.compute_capability,
+            precisions=model.precisions,
+            interconnect=interconnect,
+            peers=peers,
+        )
+
+    def _expand(self, template: str, entry: _Simulated) -> str:
+        return profiles.expand(template, entry.index, entry.drm)
+
+    def _node(self, template: NodeTemplate, entry: _Simulated) -> DeviceNode:
+        path = self._expand(template.path, entry)
+        host_path = f"{self.dev_root}{path.removeprefix('/dev')}" if self.dev_root else None
+        return DeviceNode(
+            path=path,
+            host_path=host_path,
+            type="c",
+            major=template.major,
+            minor=int(self._expand(template.minor, entry)),
+        )
