@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from driver.errors import BackendUnavailable
-from driver.model import ContainerEdits, Device
+from driver.model import ContainerEdits, Device, Partition, PartitionLayout
 
 ENTRY_POINT_GROUP = "unidra.backends"
 
@@ -48,6 +48,19 @@ class Backend(Protocol):
 
     def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
         """Edits a claim needs once for all of its devices of this backend (control nodes, combined env)."""
+        ...
+
+
+@runtime_checkable
+class Partitioner(Protocol):
+    """Optional capability: a backend whose devices can be split into partitions (KEP-4815)."""
+
+    def partition_layout(self, device: Device) -> PartitionLayout | None:
+        """The counters and partitions of one device; None if it cannot be partitioned."""
+        ...
+
+    def partition_edits(self, partition: Partition) -> ContainerEdits:
+        """Container edits for one partition."""
         ...
 
 

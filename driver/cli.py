@@ -35,6 +35,13 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         help="fake /dev tree that simulated CDI device nodes point at [env UNIDRA_SIMULATE_DEV_ROOT]",
     )
     parser.add_argument(
+        "--partitions",
+        action="store_true",
+        default=_env("UNIDRA_PARTITIONS", "") in ("1", "true", "yes"),
+        help="also publish partitions (MIG, AMD compute partitions) sharing counters with their device; "
+        "needs Kubernetes 1.35+ with DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
+    )
+    parser.add_argument(
         "--host-root",
         type=Path,
         default=Path(_env("UNIDRA_HOST_ROOT", "/") or "/"),
@@ -96,7 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("inspect", help="show the accelerators Unidra finds on this machine")
     _add_backend_flags(show)
-    show.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    show.add_argument(
+        "--slices",
+        action="store_true",
+        help="print the ResourceSlices that would be published (default -o yaml)",
+    )
+    show.add_argument(
+        "--node-name",
+        default=_env("NODE_NAME"),
+        help="node (pool) name [env NODE_NAME, default hostname]",
+    )
+    show.add_argument(
+        "--driver-name",
+        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
+    )
+    show.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=None)
 
     return parser
 
@@ -141,6 +163,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         host_root=args.host_root,
         backends=names,
         backend_options=options,
+        partitions=args.partitions,
     ).validate()
 
 
@@ -148,17 +171,24 @@ def _inspect(args: argparse.Namespace) -> int:
     from vendors.simulated import profiles
 
     names, options = _backend_selection(args)
-    node = os.environ.get("NODE_NAME") or socket.gethostname()
+    node = args.node_name or socket.gethostname()
     built, failures = backends.create_all(
         names,
         lambda name: BackendContext(
             host_root=args.host_root, node_name=node, options=options.get(name, {})
         ),
     )
-    found = inventory.discover(built)
+    found = inventory.discover(built, partitions=args.partitions)
     failures.update(found.failures)
-    if args.output == "json":
-        print(inspect.as_json(found.devices, failures))
+    if args.slices:
+        print(
+            inspect.slices_document(
+                found, driver=args.driver_name, node=node, output=args.output or "yaml"
+            )
+        )
+        return 0
+    if args.output in ("json", "yaml"):
+        print(inspect.devices_document(found.devices, failures, args.output))
         return 0
     if found.devices:
         print(inspect.table(found.devices))

@@ -6,6 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
+
+from driver import slices, validation
+from driver.inventory import Inventory
 from driver.model import Device
 
 _COLUMNS = (
@@ -71,6 +75,7 @@ def device_json(device: Device) -> dict[str, Any]:
         "driverVersion": device.driver_version,
         "firmwareVersion": device.firmware_version,
         "computeCapability": device.compute_capability,
+        "computeTarget": device.compute_target,
         "precisions": sorted(device.precisions),
         "interconnect": (
             {"technology": device.interconnect.technology, "domain": device.interconnect.domain}
@@ -82,6 +87,27 @@ def device_json(device: Device) -> dict[str, Any]:
     }
 
 
-def as_json(devices: Sequence[Device], failures: Mapping[str, str]) -> str:
+def devices_document(devices: Sequence[Device], failures: Mapping[str, str], output: str) -> str:
     document = {"devices": [device_json(d) for d in devices], "unavailableBackends": dict(failures)}
+    if output == "yaml":
+        return yaml.safe_dump(document, sort_keys=False).rstrip()
     return json.dumps(document, indent=2)
+
+
+def slices_document(found: Inventory, *, driver: str, node: str, output: str) -> str:
+    """The ResourceSlices the daemon would publish for this inventory, validated, as YAML or JSON.
+
+    Generation and owner reference are those of a first publish; the daemon adds the Node's UID
+    as owner, which only the API server knows.
+    """
+    contents = slices.build(found)
+    objects = [
+        slices.slice_object(
+            c, driver=driver, node=node, node_uid=None, generation=1, count=len(contents)
+        )
+        for c in contents
+    ]
+    validation.check_pool(objects)
+    if output == "json":
+        return json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2)
+    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False).rstrip()

@@ -6,12 +6,13 @@ A backend that fails is reported with its one-line reason and the others carry o
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from driver.backends import Backend
+from driver.backends import Backend, Partitioner
 from driver.errors import BackendUnavailable
-from driver.model import Device
+from driver.model import Device, Partition, PartitionLayout
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +24,32 @@ class Inventory:
     by_name: Mapping[str, Device]
     backends: Mapping[str, Backend]
     failures: Mapping[str, str] = field(default_factory=dict)
+    layouts: Mapping[str, PartitionLayout] = field(default_factory=dict)
 
     @property
     def devices(self) -> tuple[Device, ...]:
         return tuple(self.by_name.values())
 
+    @property
+    def partitions(self) -> dict[str, Partition]:
+        return {p.name: p for layout in self.layouts.values() for p in layout.partitions}
+
     def get(self, name: str) -> Device | None:
         return self.by_name.get(name)
+
+    def allocatable(self, name: str) -> Device | Partition | None:
+        """A whole device, or a partition when partitions are published."""
+        return self.by_name.get(name) or self.partitions.get(name)
 
     def backend_of(self, device: Device) -> Backend:
         return self.backends[device.backend]
 
 
-def discover(backends: Sequence[Backend]) -> Inventory:
-    """Run discovery on every backend; device names must be unique across all of them."""
+def discover(backends: Sequence[Backend], partitions: bool = False) -> Inventory:
+    """Run discovery on every backend; device names must be unique across all of them.
+
+    With `partitions`, devices whose backend can partition them also get their layout.
+    """
     devices: dict[str, Device] = {}
     failures: dict[str, str] = {}
     working: dict[str, Backend] = {}
@@ -57,4 +70,46 @@ def discover(backends: Sequence[Backend]) -> Inventory:
                 )
             devices[device.name] = device
     ordered = {name: devices[name] for name in sorted(devices)}
-    return Inventory(by_name=ordered, backends=working, failures=failures)
+    layouts: dict[str, PartitionLayout] = {}
+    if partitions:
+        for name, device in ordered.items():
+            backend = working[device.backend]
+            layout = backend.partition_layout(device) if isinstance(backend, Partitioner) else None
+            if layout is not None:
+                layouts[name] = layout
+    return Inventory(by_name=ordered, backends=working, failures=failures, layouts=layouts)
+
+
+class LiveInventory:
+    """The current inventory, swapped atomically when rediscovery finds a change (hot-plug)."""
+
+    def __init__(self, backends: Sequence[Backend], partitions: bool = False) -> None:
+        self._backends = list(backends)
+        self._partitions = partitions
+        self._lock = threading.Lock()
+        self._current = discover(self._backends, partitions)
+
+    def current(self) -> Inventory:
+        with self._lock:
+            return self._current
+
+    def refresh(self) -> tuple[list[str], list[str], list[str]]:
+        """Rediscover; returns the names of added, removed and changed devices (all empty: no change)."""
+        fresh = discover(self._backends, self._partitions)
+        with self._lock:
+            old = self._current
+            added = sorted(set(fresh.by_name) - set(old.by_name))
+            removed = sorted(set(old.by_name) - set(fresh.by_name))
+            changed = sorted(
+                name
+                for name in set(fresh.by_name) & set(old.by_name)
+                if fresh.by_name[name] != old.by_name[name]
+                or fresh.layouts.get(name) != old.layouts.get(name)
+            )
+            if added or removed or changed:
+                self._current = fresh
+        if added or removed or changed:
+            log.info(
+                "Devices changed", extra={"added": added, "removed": removed, "changed": changed}
+            )
+        return added, removed, changed

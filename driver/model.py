@@ -53,6 +53,7 @@ class Device:
     driver_version: str | None = None
     firmware_version: str | None = None
     compute_capability: str | None = None
+    compute_target: str | None = None
     precisions: frozenset[str] = frozenset()
     interconnect: Interconnect | None = None
     peers: tuple[str, ...] = ()
@@ -62,6 +63,35 @@ class Device:
     def name(self) -> str:
         """The device's name in the pool: stable across restarts and reboots (see docs/attributes.md)."""
         return stable_device_name(self.type, self.pci_bus_id, self.uuid)
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """A slice of a device (NVIDIA MIG instance, AMD compute partition) the scheduler can allocate.
+
+    It consumes counters from its parent's counter set, so a parent and its partitions (or two
+    overlapping partitions) are never allocated together.
+    """
+
+    parent: Device
+    suffix: str
+    profile: str
+    placement: int
+    memory_bytes: int
+    compute_units: int
+    consumes: Mapping[str, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.parent.name}-{self.suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLayout:
+    """How one device can be partitioned: its counters (capacities) and every partition it offers."""
+
+    counters: Mapping[str, int]
+    partitions: tuple[Partition, ...]
 
 
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")

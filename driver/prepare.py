@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from driver import cdi, claims, crashpoints, durable, opaque
+from driver.backends import Partitioner
 from driver.checkpoint import (
     Checkpoint,
     CheckpointCorrupt,
@@ -26,7 +27,7 @@ from driver.claims import AllocatedClaim, AllocationResult, ClaimRef
 from driver.errors import ClaimError, ConfigError
 from driver.inventory import Inventory
 from driver.locks import FileLocks
-from driver.model import ContainerEdits, Device
+from driver.model import ContainerEdits, Device, Partition
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,15 @@ class Preparer:
         cdi_devices: dict[str, cdi.CdiDevice] = {}
         by_backend: dict[str, list[Device]] = {}
         for result, config in configured:
-            device = self._device(inventory, result)
+            item = self._allocatable(inventory, result)
+            device = item.parent if isinstance(item, Partition) else item
             backend = inventory.backend_of(device)
-            edits = self._device_edits(backend.device_edits(device), config, result)
-            name = cdi.device_name(uid, device.name, result.share_id)
+            if isinstance(item, Partition) and isinstance(backend, Partitioner):
+                own = backend.partition_edits(item)
+            else:
+                own = backend.device_edits(device)
+            edits = self._device_edits(own, config, result)
+            name = cdi.device_name(uid, item.name, result.share_id)
             cdi_devices[name] = cdi.CdiDevice(name, edits)
             by_backend.setdefault(device.backend, []).append(device)
             prepared.append(
@@ -218,14 +224,15 @@ class Preparer:
         spec = cdi.build_claim_spec(self.driver, list(cdi_devices.values()), shared)
         return Plan(devices=tuple(prepared), spec=spec)
 
-    def _device(self, inventory: Inventory, result: AllocationResult) -> Device:
-        device = inventory.get(result.device)
-        if device is None:
+    def _allocatable(self, inventory: Inventory, result: AllocationResult) -> Device | Partition:
+        item = inventory.allocatable(result.device)
+        if item is None:
+            hint = "" if inventory.layouts else "; partitions are published only with --partitions"
             raise ClaimError(
                 f"device {result.device} (request {result.request}) is not a device of this node; "
-                f"the pool {self.pool} has {len(inventory.devices)} devices"
+                f"the pool {self.pool} has {len(inventory.devices)} devices{hint}"
             )
-        return device
+        return item
 
     @staticmethod
     def _device_edits(

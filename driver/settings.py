@@ -28,6 +28,10 @@ class Settings:
     host_root: Path = Path("/")
     backends: tuple[str, ...] = ()
     backend_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Publish partitionable devices (KEP-4815, Kubernetes 1.35+ layout); beta and on only from 1.36.
+    partitions: bool = False
+    # How often devices are rediscovered, so hot-plugged or removed devices reach the slices.
+    rediscover_seconds: float = 60.0
     # Time kubelet's in-flight calls get to finish after SIGTERM; kubelet's own call timeout is 45 s.
     shutdown_grace_seconds: float = 20.0
 

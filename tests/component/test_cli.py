@@ -106,3 +106,38 @@ def test_errors_are_one_line(args: list[str], message: str) -> None:
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_slices_prints_valid_resource_slices() -> None:
+    import yaml
+
+    run = unidra("inspect", "--slices", "--simulate", "dgx-h100", "--node-name", "gpu-node-7")
+    assert run.returncode == 0, run.stderr
+    documents = list(yaml.safe_load_all(run.stdout))
+    assert [d["kind"] for d in documents] == ["ResourceSlice"]
+    spec = documents[0]["spec"]
+    assert spec["pool"] == {"name": "gpu-node-7", "generation": 1, "resourceSliceCount": 1}
+    assert spec["nodeName"] == "gpu-node-7" and len(spec["devices"]) == 8
+
+
+def test_inspect_slices_with_partitions_as_json() -> None:
+    run = unidra(
+        "inspect",
+        "--slices",
+        "--simulate",
+        "dgx-h100",
+        "--partitions",
+        "-o",
+        "json",
+        "--node-name",
+        "n",
+    )
+    items = json.loads(run.stdout)["items"]
+    assert [bool(i["spec"].get("sharedCounters")) for i in items] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert sum(len(i["spec"].get("devices") or []) for i in items) == 208

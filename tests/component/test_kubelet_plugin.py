@@ -19,6 +19,7 @@ from support import kubelet
 from support.apiserver import FakeApiServer
 from support.cdi_validator import validate
 from support.claims import allocated_claim, env_config, result
+from support.waiting import wait_until
 
 from driver import cdi, daemon
 from driver.checkpoint import CheckpointStore, PrepareState
@@ -320,3 +321,38 @@ def test_fifty_concurrent_claims(node, api: FakeApiServer, short_tmp: Path) -> N
     finally:
         plugin.close()
         instance.stop()
+
+
+def test_daemon_publishes_its_pool_and_prepares_mig_partitions(node, api: FakeApiServer) -> None:
+    instance = daemon.start(node.settings(partitions=True))
+    try:
+        plugin = kubelet.wait_for_registration(node.registrar_dir)
+
+        def published_devices() -> int:
+            items = api.list("resource.k8s.io", "resourceslices")
+            return sum(len(s["spec"].get("devices") or []) for s in items)
+
+        wait_until(lambda: published_devices() == 208, what="the dgx-h100 pool with MIG partitions")
+        mig = "gpu-0000-1b-00-0-mig-3g40gb-4"
+        claim = allocated_claim(api, "slice", [result(mig, POOL, "gpu")])
+        answer = plugin.prepare([claim])[claim[2]]
+        assert answer.error == ""
+        assert answer.devices[0]["deviceName"] == mig
+        spec = spec_of(node, claim[2])
+        validate(spec)
+        nodes = [n["path"] for n in spec["devices"][0]["containerEdits"]["deviceNodes"]]
+        assert nodes[0] == "/dev/nvidia0" and all(
+            p.startswith("/dev/nvidia-caps/") for p in nodes[1:]
+        )
+        assert len(nodes) == 3
+        plugin.close()
+    finally:
+        instance.stop()
+
+
+def test_partition_names_are_refused_without_partitions(running, api: FakeApiServer) -> None:
+    _, plugin = running
+    claim = allocated_claim(api, "no-mig", [result("gpu-0000-1b-00-0-mig-3g40gb-4", POOL)])
+    assert (
+        "partitions are published only with --partitions" in plugin.prepare([claim])[claim[2]].error
+    )

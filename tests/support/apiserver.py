@@ -87,6 +87,9 @@ class FakeApiServer:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.served_versions = served_versions
+        # Called with (plural, object) before an object is stored: lets a test play an API server
+        # whose feature gates drop fields.
+        self.storage_hooks: list[Callable[[str, dict[str, Any]], None]] = []
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -231,8 +234,9 @@ class FakeApiServer:
 
     def _bump(self, event: str, key: tuple[str, str, str, str, str], obj: dict[str, Any]) -> None:
         self.store.rv += 1
-        if event != "DELETED":
-            obj["metadata"]["resourceVersion"] = str(self.store.rv)
+        # As in a real API server, a DELETED event carries the resourceVersion of the deletion.
+        obj = copy.deepcopy(obj) if event == "DELETED" else obj
+        obj["metadata"]["resourceVersion"] = str(self.store.rv)
         self.store.events.append(_Event(self.store.rv, event, key, copy.deepcopy(obj)))
         if len(self.store.events) > HISTORY_LIMIT:
             dropped = self.store.events.pop(0)
@@ -265,6 +269,8 @@ class FakeApiServer:
             meta["generation"] = 1
             obj["apiVersion"] = f"{gvr[0]}/{gvr[1]}" if gvr[0] else gvr[1]
             obj["kind"] = kind
+            for hook in self.storage_hooks:
+                hook(gvr[2], obj)
             self.store.objects[key] = obj
             self._bump("ADDED", key, obj)
             return 201, copy.deepcopy(obj)
@@ -310,6 +316,8 @@ class FakeApiServer:
                         updated["metadata"].pop(field_name, None)
                 if updated.get("spec") != current.get("spec"):
                     updated["metadata"]["generation"] += 1
+            for hook in self.storage_hooks:
+                hook(gvr[2], updated)
             if updated == current:
                 return 200, copy.deepcopy(current)  # no-op writes do not bump the resourceVersion
             self.store.objects[key] = updated
@@ -620,6 +628,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict[str, Any], method: str, parts: Any) -> None:
         data = json.dumps(body).encode()
+        # Recorded before answering, so a client that saw the answer also sees the record.
+        self._record(method, parts, status)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -628,7 +638,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             return
-        self._record(method, parts, status)
 
     def _record(self, method: str, parts: Any, status: int) -> None:
         with self.api._lock:

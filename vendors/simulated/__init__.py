@@ -6,13 +6,22 @@ minors, env). With the `dev-root` option, CDI device nodes point at that fake /d
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from driver.model import ContainerEdits, Device, DeviceNode, Interconnect
+from driver.model import (
+    ContainerEdits,
+    Device,
+    DeviceNode,
+    Interconnect,
+    Partition,
+    PartitionLayout,
+)
 from vendors.simulated import profiles
 from vendors.simulated.profiles import ModelSpec, NodeTemplate, Placement
 
@@ -42,14 +51,63 @@ class SimulatedBackend:
                 "the simulated backend needs a profile: pass --simulate with one of "
                 + ", ".join(profiles.builtin_names())
             )
+        self.profile_ref = profile_ref
         self.profile = profiles.load(profile_ref)
+        self._profile_mtime = self._mtime()
         self.node_name = context.node_name
         dev_root = context.options.get("dev-root")
         self.dev_root = dev_root.rstrip("/") if dev_root else None
         self._devices = self._build()
 
     def discover(self) -> Sequence[Device]:
+        # Editing a profile file is how one simulates hot-plug: the next discovery sees it.
+        mtime = self._mtime()
+        if mtime != self._profile_mtime:
+            self.profile = profiles.load(self.profile_ref)
+            self._profile_mtime = mtime
+            self._devices = self._build()
         return [entry.device for entry in self._devices.values()]
+
+    def partition_layout(self, device: Device) -> PartitionLayout | None:
+        spec = self._entry(device).model.partitions
+        if spec is None:
+            return None
+        slots = {f"{spec.slot_counter}-{i}": 1 for i in range(spec.slots)}
+        counters = {"memory": device.memory_bytes, "compute-units": device.compute_units}
+        counters.update(dict(spec.counters))
+        counters.update(slots)
+        partitions = []
+        for profile in spec.profiles:
+            token = re.sub(r"[^a-z0-9]", "", profile.profile.lower())
+            for start in profile.placements:
+                consumes = {"memory": profile.memory, "compute-units": profile.compute_units}
+                consumes.update(dict(profile.consumes))
+                consumes.update(
+                    {f"{spec.slot_counter}-{i}": 1 for i in range(start, start + profile.size)}
+                )
+                name = spec.prefix if token == spec.prefix else f"{spec.prefix}-{token}"
+                partitions.append(
+                    Partition(
+                        parent=device,
+                        suffix=f"{name}-{start}",
+                        profile=profile.profile,
+                        placement=start,
+                        memory_bytes=profile.memory,
+                        compute_units=profile.compute_units,
+                        consumes=consumes,
+                    )
+                )
+        return PartitionLayout(counters=counters, partitions=tuple(partitions))
+
+    def partition_edits(self, partition: Partition) -> ContainerEdits:
+        entry = self._entry(partition.parent)
+        spec = entry.model.partitions
+        own = tuple(
+            self._node(node, entry, partition.placement)
+            for node in (spec.device_nodes if spec else ())
+        )
+        parent = self.device_edits(partition.parent)
+        return ContainerEdits(env=parent.env, device_nodes=parent.device_nodes + own)
 
     def device_edits(self, device: Device) -> ContainerEdits:
         entry = self._entry(device)
@@ -70,6 +128,10 @@ class SimulatedBackend:
             self._node(node, entries[0]) for model in models for node in model.shared_device_nodes
         ]
         return ContainerEdits(env=tuple(env), device_nodes=tuple(dict.fromkeys(nodes)))
+
+    def _mtime(self) -> float | None:
+        path = Path(self.profile_ref)
+        return path.stat().st_mtime if path.is_file() else None
 
     def _entry(self, device: Device) -> _Simulated:
         try:
@@ -127,21 +189,23 @@ class SimulatedBackend:
             driver_version=model.driver_version,
             firmware_version=model.firmware_version,
             compute_capability=model.compute_capability,
+            compute_target=model.compute_target,
             precisions=model.precisions,
             interconnect=interconnect,
             peers=peers,
+            extra=dict(model.extra),
         )
 
-    def _expand(self, template: str, entry: _Simulated) -> str:
-        return profiles.expand(template, entry.index, entry.drm)
+    def _expand(self, template: str, entry: _Simulated, start: int = 0) -> str:
+        return profiles.expand(template, entry.index, entry.drm, start)
 
-    def _node(self, template: NodeTemplate, entry: _Simulated) -> DeviceNode:
-        path = self._expand(template.path, entry)
+    def _node(self, template: NodeTemplate, entry: _Simulated, start: int = 0) -> DeviceNode:
+        path = self._expand(template.path, entry, start)
         host_path = f"{self.dev_root}{path.removeprefix('/dev')}" if self.dev_root else None
         return DeviceNode(
             path=path,
             host_path=host_path,
             type="c",
             major=template.major,
-            minor=int(self._expand(template.minor, entry)),
+            minor=int(self._expand(template.minor, entry, start)),
         )

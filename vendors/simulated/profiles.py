@@ -19,7 +19,8 @@ from driver.errors import ConfigError
 from driver.model import DeviceType
 from driver.schema import Fields
 
-_TEMPLATE = re.compile(r"\{(index|drm)(?:\*(\d+))?(?:\+(\d+))?\}")
+_TEMPLATE = re.compile(r"\{([a-z0-9*+]+)\}")
+_TERM = re.compile(r"^(?:(index|drm|start)(?:\*(\d+))?|(\d+))$")
 _PROFILE_SUFFIXES = (".yaml", ".yml")
 
 
@@ -30,6 +31,28 @@ class NodeTemplate:
     path: str
     major: int
     minor: str
+
+
+@dataclass(frozen=True)
+class PartitionProfile:
+    profile: str
+    memory: int
+    compute_units: int
+    size: int
+    placements: tuple[int, ...]
+    consumes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How a model splits: placement slots, extra counters, and its partition profiles."""
+
+    prefix: str
+    slots: int
+    slot_counter: str
+    counters: tuple[tuple[str, int], ...]
+    device_nodes: tuple[NodeTemplate, ...]
+    profiles: tuple[PartitionProfile, ...]
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,7 @@ class ModelSpec:
     pci_vendor_id: str
     pci_device_id: str
     compute_capability: str | None = None
+    compute_target: str | None = None
     driver_version: str | None = None
     firmware_version: str | None = None
     uuid_prefix: str = ""
@@ -56,6 +80,8 @@ class ModelSpec:
     env: tuple[str, ...] = ()
     shared_env: tuple[str, ...] = ()
     claim_env: tuple[tuple[str, str], ...] = ()
+    extra: tuple[tuple[str, str], ...] = ()
+    partitions: PartitionSpec | None = None
 
     @property
     def uses_drm_numbering(self) -> bool:
@@ -81,12 +107,21 @@ class NodeProfile:
     placements: tuple[Placement, ...]
 
 
-def expand(template: str, index: int, drm: int) -> str:
-    """Fill `{index}`, `{index+N}`, `{index*N+M}` (and the same with `drm`) in a template."""
+def expand(template: str, index: int, drm: int, start: int = 0) -> str:
+    """Fill `{index}`, `{drm+128}`, `{index*64+start*2+1}`: sums of variables times constants."""
+    bases = {"index": index, "drm": drm, "start": start}
 
     def value(match: re.Match[str]) -> str:
-        base = index if match.group(1) == "index" else drm
-        return str(base * int(match.group(2) or 1) + int(match.group(3) or 0))
+        total = 0
+        for term in match.group(1).split("+"):
+            parsed = _TERM.match(term)
+            if parsed is None:
+                raise ConfigError(
+                    template, f"cannot evaluate {term!r}: use index, drm, start, * and +"
+                )
+            variable, factor, constant = parsed.groups()
+            total += bases[variable] * int(factor or 1) if variable else int(constant)
+        return str(total)
 
     return _TEMPLATE.sub(value, template)
 
@@ -197,6 +232,7 @@ def _parse_model(key: str, fields: Fields) -> ModelSpec:
         pci_vendor_id=fields.string("pciVendorId"),
         pci_device_id=fields.string("pciDeviceId"),
         compute_capability=fields.string("computeCapability", None),
+        compute_target=fields.string("computeTarget", None),
         driver_version=fields.string("driverVersion", None),
         firmware_version=fields.string("firmwareVersion", None),
         uuid_prefix=fields.string("uuidPrefix", ""),
@@ -206,9 +242,60 @@ def _parse_model(key: str, fields: Fields) -> ModelSpec:
         env=tuple(fields.strings("env")),
         shared_env=tuple(fields.strings("sharedEnv")),
         claim_env=tuple(fields.string_map("claimEnv").items()),
+        extra=tuple(fields.string_map("extra").items()),
+        partitions=_parse_partitions(fields.nested("partitions")),
     )
     fields.finish()
     return spec
+
+
+def _parse_partitions(fields: Fields | None) -> PartitionSpec | None:
+    if fields is None:
+        return None
+    slots = fields.integer("slots")
+    profiles = []
+    for path, item in fields.items("profiles"):
+        entry = Fields(item, path)
+        size = entry.integer("size")
+        placements = []
+        for where, start in entry.items("placements"):
+            if (
+                not isinstance(start, int)
+                or isinstance(start, bool)
+                or not 0 <= start <= slots - size
+            ):
+                raise ConfigError(where, f"must be a slot between 0 and {slots - size}")
+            placements.append(start)
+        profiles.append(
+            PartitionProfile(
+                profile=entry.string("profile"),
+                memory=entry.integer("memoryMiB") * (1 << 20),
+                compute_units=entry.integer("computeUnits"),
+                size=size,
+                placements=tuple(placements),
+                consumes=tuple(_counter_map(entry, "consumes").items()),
+            )
+        )
+        entry.finish()
+    spec = PartitionSpec(
+        prefix=fields.string("prefix"),
+        slots=slots,
+        slot_counter=fields.string("slotCounter"),
+        counters=tuple(_counter_map(fields, "counters").items()),
+        device_nodes=_parse_nodes(fields, "deviceNodes"),
+        profiles=tuple(profiles),
+    )
+    fields.finish()
+    return spec
+
+
+def _counter_map(fields: Fields, key: str) -> dict[str, int]:
+    nested = fields.nested(key)
+    if nested is None:
+        return {}
+    counters = {name: nested.integer(name) for name in nested.keys()}  # noqa: SIM118
+    nested.finish()
+    return counters
 
 
 def _parse_nodes(fields: Fields, key: str) -> tuple[NodeTemplate, ...]:
