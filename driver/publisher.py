@@ -257,9 +257,9 @@ class Publisher:
                 extra={
                     "generation": result.generation,
                     "slices": result.count,
-                    "created": len(result.creates),
-                    "updated": len(result.updates),
-                    "deleted": len(result.deletes),
+                    "creates": len(result.creates),
+                    "updates": len(result.updates),
+                    "deletes": len(result.deletes),
                 },
             )
         if self.on_sync is not None:

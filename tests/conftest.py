@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -98,3 +99,25 @@ def running(node: Node) -> Iterator[tuple[daemon.Daemon, kubelet.Plugin]]:
     finally:
         plugin.close()
         instance.stop()
+
+
+class _Crashes(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(
+            f"{record.getMessage()} ({record.__dict__.get('loop')}): {record.exc_text or ''}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def no_background_crashes() -> Iterator[None]:
+    """Fail any test during which a supervised background loop crashed or returned unexpectedly."""
+    handler = _Crashes()
+    supervisor_log = logging.getLogger("driver.supervisor")
+    supervisor_log.addHandler(handler)
+    yield
+    supervisor_log.removeHandler(handler)
+    assert handler.messages == [], "background loops crashed"

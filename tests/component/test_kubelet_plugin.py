@@ -52,6 +52,15 @@ def test_registration_advertises_both_dra_versions_v1_first(running, node) -> No
     assert plugin.registration_socket == node.registrar_dir / "unidra.dev-reg.sock"
 
 
+def test_start_reports_the_api_server_version(node, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    instance = daemon.start(node.settings())
+    instance.stop()
+    record = next(r for r in caplog.records if r.getMessage() == "API server")
+    assert record.__dict__["version"] == "v1.35.0-fake"
+    assert record.__dict__["resource_k8s_io"] == ["v1"]
+
+
 def test_dra_socket_answers_as_soon_as_registration_socket_exists(running) -> None:
     _, plugin = running
     # An empty request is what liveness probes send: an empty map, no error.

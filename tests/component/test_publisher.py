@@ -261,3 +261,16 @@ def test_other_dropped_fields_are_accepted_once(api: FakeApiServer, harness, cap
     wait_until(lambda: h.publisher.stats.writes >= 1, what="a write")
     assert h.settle() == 0
     assert any("dropped fields" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("count", "layout"), [(1, [1]), (128, [128]), (129, [1, 128]), (300, [44, 128, 128])]
+)
+def test_pools_of_any_size_are_published_completely(
+    harness, tmp_path: Path, count: int, layout: list[int]
+) -> None:
+    h = harness(str(write_profile(tmp_path / "node.yaml", count)))
+    sizes = sorted(len(s["spec"]["devices"]) for s in h.published())
+    assert sizes == layout
+    names = {d["name"] for s in h.published() for d in s["spec"]["devices"]}
+    assert len(names) == count
