@@ -92,12 +92,17 @@ def common_attributes(device: Device) -> dict[str, dict[str, Any]]:
 def describe_device(device: Device) -> dict[str, Any]:
     """A whole device as a ResourceSlice device entry."""
     attributes = common_attributes(device)
-    attributes["uuid"] = _string(device.uuid)
+    if device.uuid:
+        attributes["uuid"] = _string(device.uuid)
     attributes["index"] = {"int": device.index}
     if device.interconnect is not None:
         attributes["interconnect"] = _string(device.interconnect.technology)
         attributes["interconnectDomain"] = _string(device.interconnect.domain[:64])
-    attributes["partition"] = {"bool": False}
+    attributes["partition"] = {"bool": device.partition_profile is not None}
+    if device.partition_profile is not None:
+        attributes["partitionProfile"] = _string(device.partition_profile)
+    if device.parent_uuid:
+        attributes["parentUUID"] = _string(device.parent_uuid)
     return {
         "name": device.name,
         "attributes": dict(sorted(attributes.items())),

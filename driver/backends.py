@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from driver.errors import BackendUnavailable
-from driver.model import ContainerEdits, Device, Partition, PartitionLayout
+from driver.model import (
+    ContainerEdits,
+    Device,
+    DeviceSample,
+    HealthEvent,
+    Partition,
+    PartitionLayout,
+)
 
 ENTRY_POINT_GROUP = "unidra.backends"
 
@@ -62,6 +70,22 @@ class Partitioner(Protocol):
     def partition_edits(self, partition: Partition) -> ContainerEdits:
         """Container edits for one partition."""
         ...
+
+
+@runtime_checkable
+class HealthSource(Protocol):
+    """Optional capability: the vendor's health signals, as a blocking stream run in its own thread."""
+
+    def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
+        """Yield events until `stop` is set; may block in the vendor library between events."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Optional capability: read utilisation, memory, power, energy, temperature and error counters."""
+
+    def sample(self) -> Sequence[DeviceSample]: ...
 
 
 BackendFactory = Callable[[BackendContext], Backend]

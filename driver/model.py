@@ -58,11 +58,53 @@ class Device:
     interconnect: Interconnect | None = None
     peers: tuple[str, ...] = ()
     extra: Mapping[str, AttributeValue] = field(default_factory=dict)
+    # For partitions that exist as devices of their own (static MIG, AMD CPX mode): their profile,
+    # their parent's UUID, and the name suffix that keeps devices of one PCI function apart.
+    partition_profile: str | None = None
+    parent_uuid: str | None = None
+    name_suffix: str = ""
 
     @property
     def name(self) -> str:
         """The device's name in the pool: stable across restarts and reboots (see docs/attributes.md)."""
-        return stable_device_name(self.type, self.pci_bus_id, self.uuid)
+        base = stable_device_name(self.type, self.pci_bus_id, self.uuid)
+        return f"{base}-{self.name_suffix}" if self.name_suffix else base
+
+
+class HealthStatus(enum.StrEnum):
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+    UNKNOWN = "Unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """Something a vendor's health signal said about one device (or, with device "", all of them).
+
+    `kind` is vendor-neutral (see driver/health.py for the policy per kind); `code` keeps the
+    vendor's own detail, such as the Xid number.
+    """
+
+    device: str
+    kind: str
+    code: str = ""
+    message: str = ""
+    healthy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSample:
+    """One reading of a device's metrics; None where the device cannot tell."""
+
+    device: str
+    utilization: float | None = None
+    memory_used_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    power_watts: float | None = None
+    energy_joules: float | None = None
+    temperature_celsius: float | None = None
+    errors_corrected: int | None = None
+    errors_uncorrected: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

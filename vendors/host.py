@@ -1,0 +1,114 @@
+"""The host as backends see it, under a root prefix: device-node numbers, /proc, and vendor CLIs.
+
+The same code serves a container that mounts the host at /host and tests on fake trees. Device
+numbers come from the real node when it exists, else from sysfs `dev` files (`226:128`), else
+from /proc/devices, so CDI specs carry type, major and minor even where the runtime cannot stat.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from driver.errors import BackendUnavailable
+from driver.model import DeviceNode
+
+
+class Host:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, absolute: str) -> Path:
+        """A host path (`/sys/...`) under the root prefix."""
+        return self.root / absolute.lstrip("/")
+
+    def read(self, absolute: str | Path, default: str | None = None) -> str | None:
+        path = absolute if isinstance(absolute, Path) else self.path(absolute)
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return default
+
+    def char_major(self, name: str) -> int | None:
+        """The major number /proc/devices gives a character driver (dynamic majors differ per boot)."""
+        text = self.read("/proc/devices") or ""
+        in_char = False
+        for line in text.splitlines():
+            if line.startswith("Character devices"):
+                in_char = True
+            elif line.startswith("Block devices"):
+                in_char = False
+            elif in_char:
+                number, _, driver = line.strip().partition(" ")
+                if driver.strip() == name and number.isdigit():
+                    return int(number)
+        return None
+
+    def device_node(
+        self,
+        path: str,
+        *,
+        sysfs_dev: str | Path | None = None,
+        major_name: str | None = None,
+        minor: int | None = None,
+        permissions: str | None = None,
+    ) -> DeviceNode | None:
+        """A CDI device node for `path` (a path inside the container, the same as on the host)."""
+        numbers = self._stat(path) or self._sysfs_numbers(sysfs_dev)
+        if numbers is None and major_name is not None and minor is not None:
+            major = self.char_major(major_name)
+            numbers = (major, minor) if major is not None else None
+        if numbers is None:
+            return None
+        return DeviceNode(
+            path=path, type="c", major=numbers[0], minor=numbers[1], permissions=permissions
+        )
+
+    def run(self, candidates: Sequence[str], args: Sequence[str], timeout: float, what: str) -> str:
+        """Run the first of `candidates` (host paths of a vendor CLI) that exists; no shell involved."""
+        for candidate in candidates:
+            binary = self.path(candidate)
+            if binary.is_file() and os.access(binary, os.X_OK):
+                try:
+                    done = subprocess.run(
+                        [str(binary), *args],
+                        capture_output=True,
+                        text=True,
+                        timeout=timeout,
+                        check=False,
+                    )
+                except subprocess.TimeoutExpired as err:
+                    raise BackendUnavailable(f"{what} did not answer within {timeout:g}s") from err
+                if done.returncode != 0:
+                    detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                    raise BackendUnavailable(
+                        f"{what} failed with exit code {done.returncode}: {detail[0]}"
+                    )
+                return done.stdout
+        raise BackendUnavailable(
+            f"{what} not found (looked for {', '.join(candidates)}); install the vendor's tools"
+        )
+
+    def _stat(self, path: str) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.path(path))
+        except OSError:
+            return None
+        if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+            return os.major(info.st_rdev), os.minor(info.st_rdev)
+        return None
+
+    def _sysfs_numbers(self, sysfs_dev: str | Path | None) -> tuple[int, int] | None:
+        if sysfs_dev is None:
+            return None
+        text = self.read(sysfs_dev)
+        if not text or ":" not in text:
+            return None
+        major, _, minor = text.partition(":")
+        try:
+            return int(major), int(minor)
+        except ValueError:
+            return None

@@ -1,0 +1,69 @@
+"""What an NVIDIA GPU can do, from NVML's architecture and CUDA compute capability; pure functions."""
+
+from __future__ import annotations
+
+import math
+
+# NVML_DEVICE_ARCH_* values.
+_ARCHITECTURES = {
+    2: "kepler",
+    3: "maxwell",
+    4: "pascal",
+    5: "volta",
+    6: "turing",
+    7: "ampere",
+    8: "ada",
+    9: "hopper",
+    10: "blackwell",
+    13: "rubin",
+}
+
+
+def architecture(nvml_arch: int | None, capability: tuple[int, int]) -> str:
+    """Normalized architecture name; falls back to the compute capability for unknown NVML values."""
+    if nvml_arch in _ARCHITECTURES:
+        return _ARCHITECTURES[nvml_arch]
+    major, minor = capability
+    if major >= 10:
+        return "blackwell"
+    by_capability = {
+        (9, 0): "hopper",
+        (8, 9): "ada",
+        (7, 5): "turing",
+        (7, 0): "volta",
+        (7, 2): "volta",
+    }
+    if (major, minor) in by_capability:
+        return by_capability[(major, minor)]
+    return {8: "ampere", 6: "pascal", 5: "maxwell", 3: "kepler"}.get(major, "unknown")
+
+
+def precisions(capability: tuple[int, int]) -> frozenset[str]:
+    """Precisions the GPU computes natively: tensor-core formats by compute capability."""
+    cc = capability
+    found = {"fp64", "fp32"}
+    if cc >= (6, 0):
+        found.add("fp16")
+    if cc >= (6, 1):
+        found.add("int8")
+    if (7, 5) <= cc < (9, 0):
+        found.add("int4")  # Turing to Ada tensor cores; Hopper dropped int4
+    if cc >= (8, 0):
+        found |= {"tf32", "bf16"}
+    if cc >= (8, 9):
+        found.add("fp8")
+    if cc >= (10, 0):
+        found.add("fp4")
+    return frozenset(found)
+
+
+def mig_profile_name(slices: int, memory_mib: int, total_bytes: int) -> str:
+    """The MIG profile name NVIDIA's tools show (`3g.40gb`), from slices and memory (go-nvlib's rule)."""
+    fraction = math.ceil(8 * memory_mib * (1 << 20) / total_bytes) / 8
+    gigabytes = round(fraction * math.ceil(total_bytes / (1 << 30)))
+    return f"{slices}g.{gigabytes}gb"
+
+
+def xid_is_application_error(xid: int, extra_ignored: frozenset[int] = frozenset()) -> bool:
+    """Xids NVIDIA's own tools treat as the application's fault: the GPU stays healthy."""
+    return xid in {13, 31, 43, 45, 68, 109} or xid in extra_ignored
