@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from driver import pci
 from driver.errors import BackendUnavailable
 from driver.model import (
     ContainerEdits,
@@ -132,3 +133,37 @@ def create_all(
         except BackendUnavailable as err:
             failures[name] = str(err)
     return backends, failures
+
+
+def detect(host_root: Path) -> tuple[list[str], dict[str, str]]:
+    """Backends whose PCI functions are present, and for every other backend why it was not picked.
+
+    Only the backend classes are imported here, never a vendor library: that happens when a
+    picked backend is constructed.
+    """
+    functions = pci.scan(host_root)
+    picked, reasons = [], {}
+    for name in available_names():
+        try:
+            factory = load_factory(name)
+        except BackendUnavailable as err:
+            reasons[name] = str(err)
+            continue
+        matches: Sequence[pci.PciMatch] = getattr(factory, "pci_matches", ())
+        if not matches:
+            continue  # not hardware-backed (the simulated backend)
+        if pci.select(functions, matches):
+            picked.append(name)
+        else:
+            wanted = " or ".join(
+                f"0x{m.vendor:04x}"
+                + (f" (class {'/'.join(f'0x{c:04x}' for c in m.classes)})" if m.classes else "")
+                for m in matches
+            )
+            where = (
+                "/sys/bus/pci/devices"
+                if functions
+                else f"{host_root / 'sys/bus/pci/devices'} (no PCI devices visible)"
+            )
+            reasons[name] = f"no PCI device of vendor {wanted} in {where}"
+    return picked, reasons

@@ -35,6 +35,21 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         help="fake /dev tree that simulated CDI device nodes point at [env UNIDRA_SIMULATE_DEV_ROOT]",
     )
     parser.add_argument(
+        "--vendors",
+        metavar="NAME[,NAME...]",
+        default=_env("UNIDRA_VENDORS"),
+        help="run these backends instead of picking them by the PCI devices present (nvidia, amd, intel-gpu, "
+        "gaudi, furiosa, rebellions, tpu, or an out-of-tree module:Class) [env UNIDRA_VENDORS]",
+    )
+    parser.add_argument(
+        "--backend-option",
+        metavar="BACKEND.KEY=VALUE",
+        action="append",
+        default=[o for o in (_env("UNIDRA_BACKEND_OPTIONS") or "").split(",") if o],
+        help="an option for one backend, e.g. nvidia.ignore-xids=119 (repeatable) "
+        "[env UNIDRA_BACKEND_OPTIONS, comma-separated]",
+    )
+    parser.add_argument(
         "--partitions",
         action="store_true",
         default=_env("UNIDRA_PARTITIONS", "") in ("1", "true", "yes"),
@@ -142,12 +157,22 @@ def _add_log_flags(parser: argparse.ArgumentParser) -> None:
 def _backend_selection(
     args: argparse.Namespace,
 ) -> tuple[tuple[str, ...], dict[str, dict[str, str]]]:
+    """The backends asked for (empty: pick them by the PCI devices present) and their options."""
+    options: dict[str, dict[str, str]] = {}
+    for item in args.backend_option:
+        backend, dot, rest = item.partition(".")
+        key, equals, value = rest.partition("=")
+        if not dot or not equals or not key:
+            raise ConfigError("--backend-option", f"{item!r} is not BACKEND.KEY=VALUE")
+        options.setdefault(backend, {})[key] = value
     if args.simulate:
-        options = {"profile": args.simulate}
+        options.setdefault("simulated", {})["profile"] = args.simulate
         if args.simulate_dev_root:
-            options["dev-root"] = args.simulate_dev_root
-        return ("simulated",), {"simulated": options}
-    return (), {}
+            options["simulated"]["dev-root"] = args.simulate_dev_root
+        return ("simulated",), options
+    if args.vendors:
+        return tuple(v.strip() for v in args.vendors.split(",") if v.strip()), options
+    return (), options
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -171,6 +196,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from vendors.simulated import profiles
 
     names, options = _backend_selection(args)
+    not_picked: dict[str, str] = {}
+    if not names:
+        picked, not_picked = backends.detect(args.host_root)
+        names = tuple(picked)
     node = args.node_name or socket.gethostname()
     built, failures = backends.create_all(
         names,
@@ -188,13 +217,13 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         return 0
     if args.output in ("json", "yaml"):
-        print(inspect.devices_document(found.devices, failures, args.output))
+        print(inspect.devices_document(found.devices, {**not_picked, **failures}, args.output))
         return 0
     if found.devices:
         print(inspect.table(found.devices))
     else:
         print("No accelerators found on this machine.")
-    for name, reason in sorted(failures.items()):
+    for name, reason in sorted({**not_picked, **failures}.items()):
         print(f"  {name}: {reason}")
     if not args.simulate and not found.devices:
         print("Try a simulated node: unidra inspect --simulate PROFILE, with PROFILE one of:")

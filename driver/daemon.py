@@ -118,10 +118,18 @@ def run(settings: Settings) -> int:
 
 
 def _discover(settings: Settings) -> LiveInventory:
-    if not settings.backends:
-        raise FatalError("no backends selected: pass --simulate PROFILE or --vendors")
+    names = list(settings.backends)
+    not_picked: dict[str, str] = {}
+    if not names:
+        names, not_picked = backends.detect(settings.host_root)
+        log.info("Picked backends by PCI devices", extra={"backends": names})
+    if not names:
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(not_picked.items()))
+        raise FatalError(
+            f"no accelerators found ({reasons}); use --simulate PROFILE to run without hardware"
+        )
     built, failures = backends.create_all(
-        settings.backends,
+        names,
         lambda name: BackendContext(
             host_root=settings.host_root,
             node_name=settings.node_name,

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import kubelet
-from support.apiserver import FakeApiServer
 
 from driver import daemon
 from driver.settings import Settings
+from support import kubelet
+from support.apiserver import FakeApiServer
 
 NODE = "node-a"
 

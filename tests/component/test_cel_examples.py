@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import dra_cel
 
 from driver import inventory, slices
 from driver.backends import BackendContext
+from support import dra_cel
 from vendors.simulated import SimulatedBackend
 
 REPO = Path(__file__).resolve().parents[2]

@@ -70,6 +70,9 @@ def test_inspect_without_accelerators_lists_profiles(tmp_path: Path) -> None:
     assert run.returncode == 0
     assert "No accelerators found on this machine." in run.stdout
     assert "dgx-h100, gaudi3, mi300x, mixed, rbln-atom, rngd" in run.stdout
+    # every vendor says why it found nothing
+    for vendor in ("nvidia", "amd", "intel-gpu", "gaudi", "furiosa", "rebellions", "tpu"):
+        assert f"  {vendor}: no PCI device of vendor 0x" in run.stdout
 
 
 @pytest.mark.parametrize(

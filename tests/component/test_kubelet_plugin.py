@@ -15,16 +15,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import kubelet
-from support.apiserver import FakeApiServer
-from support.cdi_validator import validate
-from support.claims import allocated_claim, env_config, result
-from support.waiting import wait_until
 
 from driver import cdi, daemon
 from driver.checkpoint import CheckpointStore, PrepareState
 from driver.errors import FatalError
 from driver.locks import FileLocks
+from support import kubelet
+from support.apiserver import FakeApiServer
+from support.cdi_validator import validate
+from support.claims import allocated_claim, env_config, result
+from support.waiting import wait_until
 
 POOL = "node-a"
 GPU0, GPU1, GPU2 = "gpu-0000-1b-00-0", "gpu-0000-43-00-0", "gpu-0000-52-00-0"

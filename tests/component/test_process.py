@@ -17,13 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import kubelet
-from support.apiserver import FakeApiServer
-from support.claims import allocated_claim, result
 
 from driver import cdi, crashpoints
 from driver.checkpoint import CheckpointStore, PrepareState
 from driver.locks import FileLocks
+from support import kubelet
+from support.apiserver import FakeApiServer
+from support.claims import allocated_claim, result
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "node-a"

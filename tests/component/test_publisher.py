@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from support.apiserver import FakeApiServer
-from support.profiles import write_profile
-from support.waiting import wait_until
 
 from driver import inspect, kubeapi, slices
 from driver.backends import BackendContext
 from driver.inventory import LiveInventory
 from driver.publisher import Publisher
 from driver.supervisor import Supervisor
+from support.apiserver import FakeApiServer
+from support.profiles import write_profile
+from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend
 
 NODE = "node-a"

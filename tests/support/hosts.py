@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -62,7 +63,13 @@ class FakeHost:
 
     def proc_devices(self, char: dict[str, int]) -> None:
         lines = ["Character devices:"] + [f"{major:3d} {name}" for name, major in char.items()]
-        self.file("/proc/devices", "\n".join(lines + ["", "Block devices:", "  8 sd", ""]))
+        self.file("/proc/devices", "\n".join([*lines, "", "Block devices:", "  8 sd", ""]))
+
+    def char_node(self, path: str, major: int, minor: int) -> None:
+        """A real character device node in the fake /dev (tests run as root, as the driver does)."""
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(major, minor))
 
     def char_device(self, sysfs_dir: str, major: int, minor: int) -> None:
         """A class device's `dev` file, as /sys/class/<subsystem>/<name>/dev holds it."""

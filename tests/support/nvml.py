@@ -28,7 +28,6 @@ import copy
 import ctypes
 import json
 import queue
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,10 +308,10 @@ def install(recording: dict[str, Any], init_error: str | None = None) -> Iterato
     with pynvml.libLoadLock:
         saved = pynvml.nvmlLib
         pynvml.nvmlLib = library
-        pynvml._nvmlGetFunctionPointer_cache.clear()  # noqa: SLF001
+        pynvml._nvmlGetFunctionPointer_cache.clear()
     try:
         yield library
     finally:
         with pynvml.libLoadLock:
             pynvml.nvmlLib = saved
-            pynvml._nvmlGetFunctionPointer_cache.clear()  # noqa: SLF001
+            pynvml._nvmlGetFunctionPointer_cache.clear()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.cdi_validator import required_version, validate
 
 from driver import cdi
 from driver.model import ContainerEdits, DeviceNode, Mount
+from support.cdi_validator import required_version, validate
 
 UID = "7d3c0f4e-1a2b-4c5d-9e8f-0a1b2c3d4e5f"
 

@@ -6,11 +6,11 @@ import copy
 from pathlib import Path
 
 import pytest
-from support.profiles import write_profile
 
 from driver import inventory, slices, validation
 from driver.backends import BackendContext
 from driver.validation import SliceInvalid
+from support.profiles import write_profile
 from vendors.simulated import SimulatedBackend, profiles
 
 

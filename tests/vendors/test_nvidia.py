@@ -218,7 +218,7 @@ def test_missing_library_driver_or_permission_is_one_line(
 
 def test_library_really_absent_on_this_machine(host: FakeHost) -> None:
     """No fake installed: pynvml tries the real libnvidia-ml.so.1, which this machine lacks."""
-    with pytest.raises(BackendUnavailable, match="libnvidia-ml.so.1"):
+    with pytest.raises(BackendUnavailable, match=r"libnvidia-ml\.so\.1"):
         NvidiaBackend(BackendContext(host_root=host.root))
 
 
@@ -277,3 +277,38 @@ def test_precisions_by_compute_capability(capability: tuple[int, int], expected:
 )
 def test_mig_profile_names(slices: int, mib: int, name: str) -> None:
     assert capabilities.mig_profile_name(slices, mib, 85520809984) == name
+
+
+def test_the_smoke_recorder_writes_what_the_fake_replays(host: FakeHost) -> None:
+    """hack/smoke-nvidia records NVML through the same pynvml calls; run against the fake, it reproduces the fixture."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "hack" / "smoke.py"
+    spec = importlib.util.spec_from_file_location("unidra_smoke", path)
+    assert spec is not None and spec.loader is not None
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    original = nvml.load("dgx-h100.json")
+    with nvml.install(original):
+        recorded = smoke.record_nvidia(host.root)
+    assert recorded["system"]["driverVersion"] == original["system"]["driverVersion"]
+    for mine, theirs in zip(recorded["devices"], original["devices"], strict=True):
+        for key in (
+            "uuid",
+            "name",
+            "minor",
+            "busId",
+            "memory",
+            "cudaComputeCapability",
+            "numaNode",
+            "migMode",
+            "nvlinks",
+        ):
+            assert mine[key] == theirs[key], key
+        assert mine.get("migDevices", []) == [
+            {k: v for k, v in m.items() if k != "profileId"} for m in theirs.get("migDevices", [])
+        ]
+    with nvml.install(recorded):  # and the recording replays into the same devices
+        replayed = NvidiaBackend(BackendContext(host_root=dgx_host(host).root)).discover()
+    assert len(replayed) == 9

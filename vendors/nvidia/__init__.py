@@ -30,6 +30,7 @@ from driver.model import (
     Interconnect,
     Mount,
 )
+from driver.pci import PciMatch
 from vendors.host import Host
 from vendors.nvidia import capabilities, topology
 
@@ -65,6 +66,7 @@ class _Gpu:
 
 class NvidiaBackend:
     name = "nvidia"
+    pci_matches = (PciMatch(0x10DE, classes=(0x0300, 0x0302)),)
 
     def __init__(self, context: BackendContext, nvml: ModuleType | None = None) -> None:
         self.host = Host(context.host_root)
@@ -159,7 +161,8 @@ class NvidiaBackend:
 
     def _links(self, handle: Any, uuid: str, bdf: str) -> topology.Links:
         nvml = self.nvml
-        gpu_peers, switches = [], []
+        gpu_peers: list[str] = []
+        switches: list[str] = []
         for link in range(nvml.NVML_NVLINK_MAX_LINKS):
             try:
                 if nvml.nvmlDeviceGetNvLinkState(handle, link) != nvml.NVML_FEATURE_ENABLED:
@@ -449,7 +452,8 @@ def _import_pynvml() -> ModuleType:
         raise BackendUnavailable(
             "nvidia-ml-py is not installed: pip install 'unidra[nvidia]'"
         ) from err
-    return pynvml
+    module: ModuleType = pynvml
+    return module
 
 
 def _init(nvml: ModuleType) -> None:

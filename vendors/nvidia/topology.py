@@ -47,21 +47,21 @@ def domains(gpus: Sequence[Links]) -> Mapping[str, tuple[str, tuple[str, ...]]]:
                 join(gpu.uuid, by_bdf[peer_bdf].uuid)
         for switch in gpu.switches:
             switch_members.setdefault(switch, []).append(gpu.uuid)
-    for members in switch_members.values():
-        for member in members[1:]:
-            join(members[0], member)
+    for attached in switch_members.values():
+        for uuid in attached[1:]:
+            join(attached[0], uuid)
     groups: dict[str, list[Links]] = {}
     for gpu in gpus:
         if gpu.gpu_peers or gpu.switches or gpu.fabric:
             groups.setdefault(find(gpu.uuid), []).append(gpu)
-    result = {}
-    for members in groups.values():
-        uuids = sorted(m.uuid for m in members)
-        fabrics = {m.fabric for m in members if m.fabric}
+    result: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for group in groups.values():
+        uuids = sorted(m.uuid for m in group)
+        fabrics = {m.fabric for m in group if m.fabric}
         if len(fabrics) == 1:
             domain = fabrics.pop()
         else:
             domain = "nvlink-" + hashlib.sha256(",".join(uuids).encode()).hexdigest()[:16]
-        for member in members:
+        for member in group:
             result[member.uuid] = (domain, tuple(u for u in uuids if u != member.uuid))
     return result

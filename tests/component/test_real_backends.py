@@ -1,0 +1,69 @@
+"""Backends picked by the PCI devices of a (fake) host, and the daemon serving a real backend end to end."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from driver import backends, cdi, daemon
+from support import kubelet
+from support.apiserver import FakeApiServer
+from support.claims import allocated_claim, result
+from support.hosts import FakeHost
+from support.waiting import wait_until
+
+RBLN = Path(__file__).resolve().parents[1] / "fixtures" / "rebellions" / "rbln-smi-atom.json"
+
+
+def test_backends_are_picked_by_pci_vendor_and_class(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "host")
+    host.pci("0000:1b:00.0", 0x10DE, 0x2330, 0x030200, driver="nvidia")
+    host.pci("0000:05:00.0", 0x1002, 0x74A1, 0x120000, driver="amdgpu")
+    host.pci("0000:00:03.0", 0x1AE0, 0x0042, 0x020000, driver="gvnic")  # Google's NIC is not a TPU
+    host.pci("0000:00:02.0", 0x8086, 0x4680, 0x060000)  # an Intel host bridge is not a GPU
+    picked, reasons = backends.detect(host.root)
+    assert picked == ["amd", "nvidia"]
+    assert reasons["tpu"].startswith("no PCI device of vendor 0x1ae0")
+    assert reasons["intel-gpu"].startswith("no PCI device of vendor 0x8086 (class 0x0300/0x0380)")
+    assert "simulated" not in reasons
+
+
+def rebellions_host(root: Path) -> FakeHost:
+    host = FakeHost(root)
+    json_file = host.file("/var/lib/fixture/rbln.json", RBLN.read_text())
+    host.executable("/usr/bin/rbln-smi", f"cat {shlex.quote(str(json_file))}\n")
+    for bus in ("3b", "3c", "5e", "5f"):
+        host.pci(f"0000:{bus}:00.0", 0x1EFF, 0x1220, 0x120000, numa=0, driver="rebellions")
+    host.proc_devices({"rbln": 507})
+    return host
+
+
+def test_daemon_serves_a_backend_it_picked_by_pci(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    host = rebellions_host(node.root / "host")
+    instance = daemon.start(node.settings(backends=(), backend_options={}, host_root=host.root))
+    try:
+        plugin = kubelet.wait_for_registration(node.registrar_dir)
+        devices = wait_until(
+            lambda: [
+                d["name"]
+                for s in api.list("resource.k8s.io", "resourceslices")
+                for d in s["spec"]["devices"]
+            ],
+            what="the NPUs to be published",
+        )
+        assert devices == [
+            "npu-0000-3b-00-0",
+            "npu-0000-3c-00-0",
+            "npu-0000-5e-00-0",
+            "npu-0000-5f-00-0",
+        ]
+        claim = allocated_claim(api, "npu", [result("npu-0000-5e-00-0", "node-a", "npu")])
+        assert plugin.prepare([claim])[claim[2]].error == ""
+        spec = json.loads((node.cdi_root / cdi.spec_filename("unidra.dev", claim[2])).read_text())
+        assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
+            {"path": "/dev/rbln2", "type": "c", "major": 507, "minor": 2}
+        ]
+        plugin.close()
+    finally:
+        instance.stop()

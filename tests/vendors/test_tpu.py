@@ -1,0 +1,51 @@
+"""TPU backend on fake trees: v4 chips on /dev/accel, v6e chips behind vfio-pci, non-TPU Google devices ignored."""
+
+from __future__ import annotations
+
+from driver import conformance
+from driver.backends import BackendContext
+from support.hosts import FakeHost
+from vendors.tpu import TpuBackend
+
+
+def v6e_host(host: FakeHost) -> FakeHost:
+    for index in range(4):
+        base = host.pci(f"0000:00:{index + 4:02x}.0", 0x1AE0, 0x006F, 0x120000, driver="vfio-pci")
+        host.link(
+            f"/{base.relative_to(host.root)}/iommu_group",
+            f"../../../../kernel/iommu_groups/{index}",
+        )
+        host.char_device(f"/sys/class/vfio/{index}", 243, index)
+    host.char_device("/sys/class/misc/vfio", 10, 196)
+    host.pci(
+        "0000:00:03.0", 0x1AE0, 0x0042, 0x020000, driver="gvnic"
+    )  # the VM's NIC, also Google's vendor id
+    return host
+
+
+def test_v6e_behind_vfio(host: FakeHost) -> None:
+    v6e_host(host)
+    backend = TpuBackend(BackendContext(host_root=host.root, node_name="tpu-node"))
+    found = conformance.check(backend)
+    assert [d.name for d in found.devices] == [f"tpu-0000-00-{i + 4:02x}-0" for i in range(4)]
+    chip = found.devices[1]
+    assert (
+        chip.model,
+        chip.memory_bytes,
+        chip.interconnect.domain if chip.interconnect else None,
+    ) == ("TPU v6e", 32 * 2**30, "ici-tpu-node")
+    assert [(n.path, n.major, n.minor) for n in backend.device_edits(chip).device_nodes] == [
+        ("/dev/vfio/1", 243, 1)
+    ]
+    shared = backend.shared_edits([found.devices[0], found.devices[1]])
+    assert [(n.path, n.minor) for n in shared.device_nodes] == [("/dev/vfio/vfio", 196)]
+    assert "TPU_VISIBLE_CHIPS=0,1" in shared.env and "TPU_CHIPS_PER_HOST_BOUNDS=1,2,1" in shared.env
+
+
+def test_v4_on_accel_nodes(host: FakeHost) -> None:
+    for index in range(2):
+        base = host.pci(f"0000:00:{index + 4:02x}.0", 0x1AE0, 0x005E, 0x120000, driver="tpu")
+        host.file(f"/{base.relative_to(host.root)}/accel/accel{index}/.keep")
+        host.char_device(f"/sys/class/accel/accel{index}", 121, index)
+    found = conformance.check(TpuBackend(BackendContext(host_root=host.root, node_name="n")))
+    assert [d.model for d in found.devices] == ["TPU v4", "TPU v4"]

@@ -1,0 +1,360 @@
+"""AMD Instinct and Radeon GPUs through amdsmi, or through sysfs and the KFD topology when amdsmi is missing.
+
+`import amdsmi` loads libamd_smi.so at import time and fails (printing to stdout) without it, so
+the import is lazy, silenced and caught; the sysfs reader then serves the same device model from
+what the amdgpu kernel driver exposes. GPUs in a CPX/DPX/QPX compute-partition mode are
+published as their partitions, each with its own render node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from driver import pci
+from driver.backends import BackendContext
+from driver.errors import BackendUnavailable
+from driver.model import ContainerEdits, Device, DeviceSample, DeviceType, HealthEvent, Interconnect
+from driver.pci import PciMatch
+from vendors.host import Host
+
+log = logging.getLogger(__name__)
+
+VENDOR_ID = 0x1002
+POLL_SECONDS = 5.0
+# gfx target -> (architecture, precisions)
+_TARGETS = {
+    "gfx950": ("cdna4", {"fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "fp4", "int8"}),
+    "gfx942": ("cdna3", {"fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8"}),
+    "gfx941": ("cdna3", {"fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8"}),
+    "gfx940": ("cdna3", {"fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8"}),
+    "gfx90a": ("cdna2", {"fp64", "fp32", "bf16", "fp16", "int8"}),
+    "gfx908": ("cdna", {"fp64", "fp32", "bf16", "fp16", "int8"}),
+    "gfx1100": ("rdna3", {"fp32", "bf16", "fp16", "int8", "int4"}),
+    "gfx1201": ("rdna4", {"fp32", "bf16", "fp16", "fp8", "int8", "int4"}),
+}
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    """One AMD GPU (or compute partition) as either reader found it."""
+
+    bdf: str
+    uuid: str
+    model: str
+    target: str
+    compute_units: int
+    memory: int
+    card: int
+    render: int
+    numa: int | None
+    driver_version: str | None
+    firmware: str | None
+    hive: str | None
+    partition_mode: str = "SPX"
+    partition_index: int = 0
+    handle: Any = field(default=None, compare=False)
+
+
+class AmdBackend:
+    name = "amd"
+    pci_matches = (PciMatch(VENDOR_ID, classes=(0x0300, 0x0302, 0x0380, 0x1200)),)
+
+    def __init__(self, context: BackendContext, amdsmi: ModuleType | None = None) -> None:
+        self.host = Host(context.host_root)
+        self.amdsmi = amdsmi if amdsmi is not None else _import_amdsmi()
+        if self.amdsmi is not None:
+            try:
+                self.amdsmi.amdsmi_init(self.amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)
+            except self.amdsmi.AmdSmiException as err:
+                log.info("amdsmi cannot start; reading sysfs instead", extra={"reason": str(err)})
+                self.amdsmi = None
+        if self.amdsmi is None and not self.host.path("/sys/module/amdgpu").exists():
+            raise BackendUnavailable(
+                "the amdgpu kernel driver is not loaded (no /sys/module/amdgpu): install ROCm's amdgpu-dkms"
+            )
+        self._gpus: dict[str, tuple[Device, _Gpu]] = {}
+        self.poll_seconds = float(context.options.get("poll-seconds", POLL_SECONDS))
+
+    @property
+    def source(self) -> str:
+        return "amdsmi" if self.amdsmi is not None else "sysfs"
+
+    def discover(self) -> Sequence[Device]:
+        gpus = self._read_amdsmi() if self.amdsmi is not None else self._read_sysfs()
+        hives: dict[str, list[str]] = {}
+        for gpu in gpus:
+            if gpu.hive:
+                hives.setdefault(gpu.hive, []).append(gpu.uuid)
+        found: dict[str, tuple[Device, _Gpu]] = {}
+        for gpu in gpus:
+            architecture, precisions = _TARGETS.get(gpu.target, ("unknown", {"fp32"}))
+            partitioned = gpu.partition_mode.upper() != "SPX"
+            members = hives.get(gpu.hive or "", [])
+            device = Device(
+                backend=self.name,
+                vendor="amd",
+                type=DeviceType.GPU,
+                model=gpu.model,
+                architecture=architecture,
+                uuid=gpu.uuid,
+                index=len(found),
+                memory_bytes=gpu.memory,
+                compute_units=gpu.compute_units,
+                pci_bus_id=gpu.bdf,
+                pcie_root=pci.pcie_root(self.host.root, gpu.bdf),
+                numa_node=gpu.numa,
+                driver_version=gpu.driver_version,
+                firmware_version=gpu.firmware,
+                compute_target=gpu.target,
+                precisions=frozenset(precisions),
+                interconnect=Interconnect("xgmi", f"xgmi-hive-{gpu.hive}")
+                if gpu.hive and len(members) > 1
+                else None,
+                peers=tuple(u for u in members if u != gpu.uuid) if len(members) > 1 else (),
+                extra={"gpu.amd.com/productName": gpu.model[:64]},
+                partition_profile=gpu.partition_mode.lower() if partitioned else None,
+                name_suffix=f"{gpu.partition_mode.lower()}-{gpu.partition_index}"
+                if partitioned
+                else "",
+            )
+            found[device.name] = (device, gpu)
+        self._gpus = found
+        return [device for device, _ in found.values()]
+
+    def device_edits(self, device: Device) -> ContainerEdits:
+        gpu = self._gpu(device)
+        nodes = [
+            self.host.device_node(
+                f"/dev/dri/card{gpu.card}", sysfs_dev=f"/sys/class/drm/card{gpu.card}/dev"
+            ),
+            self.host.device_node(
+                f"/dev/dri/renderD{gpu.render}", sysfs_dev=f"/sys/class/drm/renderD{gpu.render}/dev"
+            ),
+        ]
+        if None in nodes:
+            raise BackendUnavailable(
+                f"{device.name}: DRM nodes card{gpu.card}/renderD{gpu.render} not found"
+            )
+        return ContainerEdits(device_nodes=tuple(n for n in nodes if n is not None))
+
+    def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
+        kfd = self.host.device_node("/dev/kfd", sysfs_dev="/sys/class/kfd/kfd/dev")
+        if kfd is None:
+            raise BackendUnavailable(
+                "/dev/kfd not found: the amdgpu driver has no compute (KFD) support loaded"
+            )
+        return ContainerEdits(device_nodes=(kfd,))
+
+    def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
+        """Uncorrectable ECC (RAS) errors that appear from now on, polled every few seconds."""
+        seen = {device.name: self._uncorrectable(gpu) for device, gpu in self._gpus.values()}
+        return self._new_ecc_errors(seen, stop)
+
+    def _new_ecc_errors(
+        self, seen: dict[str, int | None], stop: threading.Event
+    ) -> Iterator[HealthEvent]:
+        while not stop.wait(self.poll_seconds):
+            for device, gpu in list(self._gpus.values()):
+                count = self._uncorrectable(gpu)
+                before = seen.get(device.name)
+                seen[device.name] = count
+                if count is not None and before is not None and count > before:
+                    yield HealthEvent(
+                        device.name,
+                        "ecc-uncorrectable",
+                        str(count),
+                        f"{count - before} new uncorrectable ECC errors",
+                    )
+
+    def sample(self) -> Sequence[DeviceSample]:
+        return [self._sample(device, gpu) for device, gpu in self._gpus.values()]
+
+    # -- amdsmi --------------------------------------------------------------------------------
+
+    def _read_amdsmi(self) -> list[_Gpu]:
+        smi = self.amdsmi
+        assert smi is not None
+        gpus = []
+        for handle in smi.amdsmi_get_processor_handles():
+            try:
+                asic = smi.amdsmi_get_gpu_asic_info(handle)
+                enumeration = smi.amdsmi_get_gpu_enumeration_info(handle)
+                kfd = smi.amdsmi_get_gpu_kfd_info(handle)
+                gpus.append(
+                    _Gpu(
+                        bdf=smi.amdsmi_get_gpu_device_bdf(handle),
+                        uuid=smi.amdsmi_get_gpu_device_uuid(handle),
+                        model=str(asic["market_name"]),
+                        target=str(asic["target_graphics_version"]),
+                        compute_units=int(asic["num_compute_units"]),
+                        memory=int(smi.amdsmi_get_gpu_vram_info(handle)["vram_size"]) * (1 << 20),
+                        card=int(enumeration["drm_card"]),
+                        render=int(enumeration["drm_render"]),
+                        numa=_numa(smi.amdsmi_topo_get_numa_node_number(handle)),
+                        driver_version=_known(
+                            smi.amdsmi_get_gpu_driver_info(handle)["driver_version"]
+                        ),
+                        firmware=_known(smi.amdsmi_get_gpu_vbios_info(handle).get("part_number")),
+                        hive=_hive(smi.amdsmi_get_xgmi_info(handle)["xgmi_hive_id"]),
+                        partition_mode=_known(smi.amdsmi_get_gpu_compute_partition(handle))
+                        or "SPX",
+                        partition_index=int(kfd.get("current_partition_id", 0) or 0),
+                        handle=handle,
+                    )
+                )
+            except smi.AmdSmiException as err:
+                log.warning("Skipping an AMD GPU amdsmi cannot read", extra={"error": str(err)})
+        return gpus
+
+    # -- sysfs and KFD ------------------------------------------------------------------------------
+
+    def _read_sysfs(self) -> list[_Gpu]:
+        functions = pci.select(pci.scan(self.host.root), self.pci_matches)
+        kfd_nodes = self._kfd_nodes()
+        driver_version = self.host.read("/sys/module/amdgpu/version") or self.host.read(
+            "/proc/sys/kernel/osrelease"
+        )
+        gpus = []
+        for function in functions:
+            if function.driver != "amdgpu":
+                continue
+            drm = function.sysfs / "drm"
+            cards = (
+                sorted(int(p.name[4:]) for p in drm.glob("card*") if p.name[4:].isdigit())
+                if drm.is_dir()
+                else []
+            )
+            renders = sorted(int(p.name[7:]) for p in drm.glob("renderD*")) if drm.is_dir() else []
+            if not cards or not renders:
+                log.warning("AMD GPU without DRM nodes", extra={"pci": function.bdf})
+                continue
+            node = kfd_nodes.get(renders[0], {})
+            simds, per_cu = int(node.get("simd_count", 0)), int(node.get("simd_per_cu", 0)) or 1
+            target = node.get("gfx_target_version", "0")
+            gpus.append(
+                _Gpu(
+                    bdf=function.bdf,
+                    uuid=f"{int(node.get('unique_id', '0')):016x}"
+                    if node.get("unique_id")
+                    else function.bdf,
+                    model=self.host.read(function.sysfs / "product_name")
+                    or f"AMD GPU 0x{function.device:04x}",
+                    target=_gfx(int(target)),
+                    compute_units=simds // per_cu,
+                    memory=int(node.get("local_mem_size", 0))
+                    or int(self.host.read(function.sysfs / "mem_info_vram_total") or 0),
+                    card=cards[0],
+                    render=renders[0],
+                    numa=function.numa_node,
+                    driver_version=driver_version,
+                    firmware=self.host.read(function.sysfs / "vbios_version"),
+                    hive=_hive(self.host.read(function.sysfs / "xgmi_hive_info/xgmi_hive_id")),
+                    partition_mode=(
+                        self.host.read(function.sysfs / "current_compute_partition") or "SPX"
+                    ).upper(),
+                )
+            )
+        return gpus
+
+    def _kfd_nodes(self) -> dict[int, dict[str, str]]:
+        """KFD topology nodes of GPUs, by DRM render minor."""
+        nodes = {}
+        for properties in sorted(
+            self.host.path("/sys/class/kfd/kfd/topology/nodes").glob("*/properties")
+        ):
+            values = dict(
+                line.split(" ", 1) for line in properties.read_text().splitlines() if " " in line
+            )
+            if int(values.get("simd_count", "0")) > 0:  # CPU nodes have no SIMDs
+                memory = self.host.read(properties.parent / "mem_banks/0/properties") or ""
+                for line in memory.splitlines():
+                    if line.startswith("size_in_bytes "):
+                        values["local_mem_size"] = line.split()[1]
+                nodes[int(values.get("drm_render_minor", "-1"))] = values
+        return nodes
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _gpu(self, device: Device) -> _Gpu:
+        entry = self._gpus.get(device.name)
+        if entry is None:
+            raise BackendUnavailable(f"{device.name} is no longer present")
+        return entry[1]
+
+    def _uncorrectable(self, gpu: _Gpu) -> int | None:
+        if self.amdsmi is not None and gpu.handle is not None:
+            with contextlib.suppress(self.amdsmi.AmdSmiException):
+                return int(
+                    self.amdsmi.amdsmi_get_gpu_total_ecc_count(gpu.handle)["uncorrectable_count"]
+                )
+            return None
+        text = self.host.read(f"/sys/bus/pci/devices/{gpu.bdf}/ras/umc_err_count")
+        for line in (text or "").splitlines():
+            if line.startswith("ue:"):
+                return int(line.split(":")[1])
+        return None
+
+    def _sample(self, device: Device, gpu: _Gpu) -> DeviceSample:
+        base = self.host.path(f"/sys/bus/pci/devices/{gpu.bdf}")
+        busy = self.host.read(base / "gpu_busy_percent")
+        used = self.host.read(base / "mem_info_vram_used")
+        hwmon = next(iter(sorted(base.glob("hwmon/hwmon*"))), None)
+        power = self.host.read(hwmon / "power1_average") if hwmon else None
+        temperature = self.host.read(hwmon / "temp1_input") if hwmon else None
+        return DeviceSample(
+            device=device.name,
+            utilization=int(busy) / 100 if busy else None,
+            memory_used_bytes=int(used) if used else None,
+            memory_limit_bytes=gpu.memory,
+            power_watts=int(power) / 1e6 if power else None,
+            temperature_celsius=int(temperature) / 1000 if temperature else None,
+            errors_uncorrected=self._uncorrectable(gpu),
+        )
+
+
+def _import_amdsmi() -> ModuleType | None:
+    """amdsmi, or None: it raises KeyError/OSError at import without libamd_smi.so and prints to stdout."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import amdsmi
+    except (ImportError, KeyError, OSError) as err:
+        log.info(
+            "amdsmi unavailable; reading sysfs instead",
+            extra={"reason": f"{type(err).__name__}: {err}"},
+        )
+        return None
+    module: ModuleType = amdsmi
+    return module
+
+
+def _gfx(version: int) -> str:
+    """KFD's gfx_target_version (90402) as a target name (gfx942)."""
+    if not version:
+        return "unknown"
+    major, minor, step = version // 10000, (version // 100) % 100, version % 100
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def _known(value: Any) -> str | None:
+    return None if value in (None, "", "N/A") else str(value)
+
+
+def _numa(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+def _hive(value: Any) -> str | None:
+    if value in (None, "", "N/A", "0", 0, "0x0"):
+        return None
+    return f"{int(value, 16) if isinstance(value, str) else int(value):#018x}"
