@@ -89,6 +89,15 @@ class Sampler(Protocol):
     def sample(self) -> Sequence[DeviceSample]: ...
 
 
+@runtime_checkable
+class FaultInjector(Protocol):
+    """Optional capability: devices that can be told to fail, for practice and tests (the simulated backend)."""
+
+    def inject(self, device: str, fault: str) -> HealthEvent: ...
+
+    def recover(self, device: str) -> HealthEvent: ...
+
+
 BackendFactory = Callable[[BackendContext], Backend]
 
 

@@ -14,10 +14,47 @@ from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
 from driver.settings import DEFAULT_DRIVER_NAME, Settings
 
+PLUGINS_DIR = "/var/lib/kubelet/plugins"
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value else default
+
+
+def _env_name(flag: str) -> str:
+    return "UNIDRA_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _seconds(parser: argparse.ArgumentParser, flag: str, default: float, help: str) -> None:
+    env = _env_name(flag)
+    parser.add_argument(
+        flag,
+        type=float,
+        default=float(_env(env) or default),
+        help=f"{help} [env {env}, default {default}]",
+    )
+
+
+def _directory(parser: argparse.ArgumentParser, flag: str, default: str, help: str) -> None:
+    env = _env_name(flag)
+    parser.add_argument(
+        flag,
+        type=Path,
+        default=Path(_env(env, default) or default),
+        help=f"{help} [env {env}, default {default}]",
+    )
+
+
+def _repeatable(parser: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
+    env = _env_name(flag) + "S"
+    parser.add_argument(
+        flag,
+        metavar=metavar,
+        action="append",
+        default=[item for item in (_env(env) or "").split(",") if item],
+        help=f"{help} (repeatable) [env {env}, comma-separated]",
+    )
 
 
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,13 +78,11 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         help="run these backends instead of picking them by the PCI devices present (nvidia, amd, intel-gpu, "
         "gaudi, furiosa, rebellions, tpu, or an out-of-tree module:Class) [env UNIDRA_VENDORS]",
     )
-    parser.add_argument(
+    _repeatable(
+        parser,
         "--backend-option",
-        metavar="BACKEND.KEY=VALUE",
-        action="append",
-        default=[o for o in (_env("UNIDRA_BACKEND_OPTIONS") or "").split(",") if o],
-        help="an option for one backend, e.g. nvidia.ignore-xids=119 (repeatable) "
-        "[env UNIDRA_BACKEND_OPTIONS, comma-separated]",
+        "BACKEND.KEY=VALUE",
+        "an option for one backend, e.g. nvidia.ignore-xids=119",
     )
     parser.add_argument(
         "--partitions",
@@ -56,12 +91,11 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         help="also publish partitions (MIG, AMD compute partitions) sharing counters with their device; "
         "needs Kubernetes 1.35+ with DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
     )
-    parser.add_argument(
+    _directory(
+        parser,
         "--host-root",
-        type=Path,
-        default=Path(_env("UNIDRA_HOST_ROOT", "/") or "/"),
-        help="where the host's / is mounted; sysfs, devfs and vendor CLIs are looked up under it "
-        "[env UNIDRA_HOST_ROOT, default /]",
+        "/",
+        "where the host's / is mounted; sysfs, devfs and vendor CLIs are looked up under it",
     )
 
 
@@ -85,28 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("KUBECONFIG"),
         help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
     )
-    plugin.add_argument(
-        "--cdi-root",
-        type=Path,
-        default=Path(_env("UNIDRA_CDI_ROOT", "/var/run/cdi") or ""),
-        help="directory for transient CDI specs [env UNIDRA_CDI_ROOT, default /var/run/cdi]",
-    )
-    plugin.add_argument(
+    _directory(plugin, "--cdi-root", "/var/run/cdi", "directory for transient CDI specs")
+    _directory(
+        plugin,
         "--kubelet-registrar-directory-path",
-        type=Path,
-        default=Path(
-            _env("UNIDRA_KUBELET_REGISTRAR_DIRECTORY_PATH", "/var/lib/kubelet/plugins_registry")
-            or ""
-        ),
-        help="kubelet's plugin registration directory [env UNIDRA_KUBELET_REGISTRAR_DIRECTORY_PATH]",
+        "/var/lib/kubelet/plugins_registry",
+        "kubelet's plugin registration directory",
     )
-    plugin.add_argument(
-        "--kubelet-plugins-directory-path",
-        type=Path,
-        default=Path(
-            _env("UNIDRA_KUBELET_PLUGINS_DIRECTORY_PATH", "/var/lib/kubelet/plugins") or ""
-        ),
-        help="kubelet's plugins directory [env UNIDRA_KUBELET_PLUGINS_DIRECTORY_PATH]",
+    _directory(
+        plugin, "--kubelet-plugins-directory-path", PLUGINS_DIR, "kubelet's plugins directory"
     )
     plugin.add_argument(
         "--pod-uid",
@@ -114,7 +135,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="this pod's UID, for per-instance sockets during rolling upgrades [env POD_UID]",
     )
     _add_backend_flags(plugin)
+    plugin.add_argument(
+        "--metrics-address",
+        default=_env("UNIDRA_METRICS_ADDRESS", ":9464"),
+        help="Prometheus endpoint HOST:PORT, empty to disable [env UNIDRA_METRICS_ADDRESS, default :9464]",
+    )
+    _seconds(
+        plugin,
+        "--metrics-interval-seconds",
+        10,
+        "how often device metrics are sampled, off the scrape path",
+    )
+    _repeatable(
+        plugin,
+        "--taint-effect",
+        "KIND=EFFECT",
+        "override the taint policy, e.g. xid=NoExecute or overheating=off (docs/health.md)",
+    )
+    _seconds(
+        plugin,
+        "--health-quiet-seconds",
+        300,
+        "transient faults clear after this long without new faults",
+    )
     _add_log_flags(plugin)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="make a simulated device of the running daemon fail or recover, or list device health",
+    )
+    simulate.add_argument("action", choices=("inject", "recover", "health"))
+    simulate.add_argument("--device", help="device name, as in the ResourceSlice (inject, recover)")
+    simulate.add_argument(
+        "--fault", help="xid-<number> (e.g. xid-79), ecc-dbe, lost or overheat (inject)"
+    )
+    simulate.add_argument(
+        "--driver-name",
+        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help="DRA driver name of the daemon",
+    )
+    _directory(
+        simulate,
+        "--kubelet-plugins-directory-path",
+        PLUGINS_DIR,
+        "kubelet's plugins directory, where the daemon's control socket is",
+    )
 
     show = commands.add_parser("inspect", help="show the accelerators Unidra finds on this machine")
     _add_backend_flags(show)
@@ -175,6 +240,13 @@ def _backend_selection(
     return (), options
 
 
+def _pair(item: str, flag: str) -> tuple[str, str]:
+    key, equals, value = item.partition("=")
+    if not equals or not key or not value:
+        raise ConfigError(flag, f"{item!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     names, options = _backend_selection(args)
     return Settings(
@@ -189,6 +261,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         backends=names,
         backend_options=options,
         partitions=args.partitions,
+        metrics_address=args.metrics_address,
+        metrics_interval_seconds=args.metrics_interval_seconds,
+        taint_effects=dict(_pair(item, "--taint-effect") for item in args.taint_effect),
+        health_quiet_seconds=args.health_quiet_seconds,
     ).validate()
 
 
@@ -231,11 +307,36 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from driver import control
+
+    if args.action != "health" and not args.device:
+        raise ConfigError("--device", "is required")
+    if args.action == "inject" and not args.fault:
+        raise ConfigError("--fault", "is required: xid-<number>, ecc-dbe, lost or overheat")
+    socket_path = args.kubelet_plugins_directory_path / args.driver_name / "control.sock"
+    answer = control.request(
+        socket_path, {"command": args.action, "device": args.device, "fault": args.fault}
+    )
+    if "error" in answer:
+        print(f"unidra: {answer['error']}", file=sys.stderr)
+        return 1
+    if args.action == "health":
+        for item in answer["devices"]:
+            print(f"{item['device']}  {item['health']}  {item['message']}".rstrip())
+    else:
+        state = "healthy" if answer["healthy"] else "unhealthy"
+        print(f"{answer['device']}: {answer['kind']} {answer['code']} ({state})".replace("  ", " "))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "simulate":
+            return _simulate(args)
         settings = _settings(args)
         logs.setup(args.log_format, args.verbose)
         from driver import daemon

@@ -216,3 +216,27 @@ class WatchStream:
 
 def _slice_selector(driver: str, node: str) -> str:
     return f"spec.driver={driver},spec.nodeName={node}"
+
+
+class ClaimStatusApi:
+    """Read a ResourceClaim and replace its status (resourceclaims/status), with optimistic concurrency."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api = client.ResourceV1Api(api_client)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        return call_json(
+            f"reading claim {namespace}/{name}",
+            self.api.read_namespaced_resource_claim,
+            name,
+            namespace,
+        )
+
+    def replace_status(self, namespace: str, name: str, claim: Mapping[str, Any]) -> dict[str, Any]:
+        return call_json(
+            f"updating the status of claim {namespace}/{name}",
+            self.api.replace_namespaced_resource_claim_status,
+            name,
+            namespace,
+            claim,
+        )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driver.errors import ConfigError
+from driver.health import parse_policy
 
 DEFAULT_DRIVER_NAME = "unidra.dev"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -32,6 +33,17 @@ class Settings:
     partitions: bool = False
     # How often devices are rediscovered, so hot-plugged or removed devices reach the slices.
     rediscover_seconds: float = 60.0
+    # Prometheus endpoint, host:port; empty disables it. 9464 is OpenTelemetry's Prometheus port.
+    metrics_address: str = ":9464"
+    metrics_interval_seconds: float = 10.0
+    # kind=Effect overrides of the taint policy (docs/health.md).
+    taint_effects: Mapping[str, str] = field(default_factory=dict)
+    # Transient faults clear after this long without new faults (doubled for flapping devices).
+    health_quiet_seconds: float = 300.0
+    # No condition clears sooner than this after it was raised, so a flapping device cannot thrash.
+    health_min_hold_seconds: float = 30.0
+    # The health stream is resent this often, well inside its timeout.
+    health_resend_seconds: float = 10.0
     # Time kubelet's in-flight calls get to finish after SIGTERM; kubelet's own call timeout is 45 s.
     shutdown_grace_seconds: float = 20.0
 
@@ -59,6 +71,17 @@ class Settings:
                 "--driver-name",
                 f"{self.driver_name!r} must be a lowercase DNS subdomain of at most 63 characters",
             )
+        if self.metrics_address and not _split_address(self.metrics_address):
+            raise ConfigError(
+                "--metrics-address", f"{self.metrics_address!r} is not HOST:PORT or :PORT"
+            )
+        parse_policy(self.taint_effects)
+        for flag, seconds in (
+            ("--metrics-interval-seconds", self.metrics_interval_seconds),
+            ("--health-quiet-seconds", self.health_quiet_seconds),
+        ):
+            if not seconds > 0:
+                raise ConfigError(flag, f"{seconds} must be a positive number of seconds")
         for flag, path in (
             ("--cdi-root", self.cdi_root),
             ("--kubelet-registrar-directory-path", self.registrar_dir),
@@ -71,3 +94,17 @@ class Settings:
                     f"{path} must be an absolute path (kubelet and the runtime see host paths)",
                 )
         return self
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
+        return None
+    # An empty host listens on every interface: Prometheus scrapes the pod IP.
+    everywhere = "0.0.0.0"  # noqa: S104
+    return host.strip("[]") or everywhere, int(port)
+
+
+def metrics_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of the metrics endpoint, or None when disabled."""
+    return _split_address(address) if address else None

@@ -73,7 +73,8 @@ def describe(
                     "counters": attributes.counters(partition.consumes),
                 }
             ]
-            devices.append(_tainted(item, taints))
+            # A partition is as healthy as the device it is carved from.
+            devices.append(_tainted(item, taints, device.name))
     return devices, counter_sets
 
 
@@ -136,8 +137,8 @@ def _needs_smaller_slices(device: Mapping[str, Any]) -> bool:
     return bool(device.get("taints") or device.get("consumesCounters"))
 
 
-def _tainted(entry: dict[str, Any], taints: Taints) -> dict[str, Any]:
-    device_taints = taints.get(entry["name"])
+def _tainted(entry: dict[str, Any], taints: Taints, parent: str | None = None) -> dict[str, Any]:
+    device_taints = taints.get(entry["name"]) or (taints.get(parent) if parent else None)
     if device_taints:
         entry["taints"] = [dict(t) for t in device_taints]
     return entry

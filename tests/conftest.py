@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -67,9 +68,23 @@ class Node:
             "backends": ("simulated",),
             "backend_options": {"simulated": {"profile": profile}},
             "shutdown_grace_seconds": 5.0,
+            "metrics_address": "127.0.0.1:0",  # an ephemeral port: tests may run daemons side by side
         }
         values.update(overrides)
         return Settings(**values).validate()  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def serve(
+        self, profile: str = "dgx-h100", **overrides: object
+    ) -> Iterator[tuple[daemon.Daemon, kubelet.Plugin]]:
+        """A started daemon and the fake kubelet's registered connection to it; both closed after."""
+        instance = daemon.start(self.settings(profile, **overrides))
+        plugin = kubelet.wait_for_registration(self.registrar_dir, expected_driver="unidra.dev")
+        try:
+            yield instance, plugin
+        finally:
+            plugin.close()
+            instance.stop()
 
     def argv(self, profile: str = "dgx-h100") -> list[str]:
         """The same node as `unidra kubelet-plugin` arguments."""
@@ -81,6 +96,7 @@ class Node:
             f"--kubelet-registrar-directory-path={self.registrar_dir}",
             f"--kubelet-plugins-directory-path={self.plugins_dir}",
             f"--simulate={profile}",
+            "--metrics-address=127.0.0.1:0",
         ]
 
 
@@ -92,13 +108,8 @@ def node(short_tmp: Path, api: FakeApiServer) -> Node:
 @pytest.fixture
 def running(node: Node) -> Iterator[tuple[daemon.Daemon, kubelet.Plugin]]:
     """A started daemon (dgx-h100) and the fake kubelet's registered connection to it."""
-    instance = daemon.start(node.settings())
-    plugin = kubelet.wait_for_registration(node.registrar_dir, expected_driver="unidra.dev")
-    try:
-        yield instance, plugin
-    finally:
-        plugin.close()
-        instance.stop()
+    with node.serve() as serving:
+        yield serving
 
 
 class _Crashes(logging.Handler):
@@ -113,11 +124,15 @@ class _Crashes(logging.Handler):
 
 
 @pytest.fixture(autouse=True)
-def no_background_crashes() -> Iterator[None]:
-    """Fail any test during which a supervised background loop crashed or returned unexpectedly."""
+def no_background_crashes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test during which a supervised background loop crashed or returned unexpectedly.
+
+    Tests that crash a loop on purpose carry the `crashes_expected` marker.
+    """
     handler = _Crashes()
     supervisor_log = logging.getLogger("driver.supervisor")
     supervisor_log.addHandler(handler)
     yield
     supervisor_log.removeHandler(handler)
-    assert handler.messages == [], "background loops crashed"
+    if request.node.get_closest_marker("crashes_expected") is None:
+        assert handler.messages == [], "background loops crashed"

@@ -102,6 +102,14 @@ def test_inspect_without_accelerators_lists_profiles(tmp_path: Path) -> None:
             ["kubelet-plugin", "--node-name", "n", "--cdi-root", "relative", "--simulate", "mixed"],
             "must be an absolute path",
         ),
+        (
+            ["kubelet-plugin", "--node-name", "n", "--metrics-interval-seconds", "0"],
+            "--metrics-interval-seconds: 0.0 must be a positive number of seconds",
+        ),
+        (
+            ["kubelet-plugin", "--node-name", "n", "--taint-effect", "xid=Evict"],
+            "--taint-effect: xid=Evict: the effect must be one of",
+        ),
     ],
 )
 def test_errors_are_one_line(args: list[str], message: str) -> None:

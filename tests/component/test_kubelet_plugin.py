@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,12 @@ def test_registration_advertises_both_dra_versions_v1_first(running, node) -> No
     assert plugin.info.type == "DRAPlugin"
     assert plugin.info.name == "unidra.dev"
     assert plugin.info.endpoint == str(node.plugin_dir / "dra.sock")
-    assert list(plugin.info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+    assert list(plugin.info.supported_versions) == [
+        "v1.DRAPlugin",
+        "v1beta1.DRAPlugin",
+        "v1alpha1.DRAResourceHealth",
+        "v1.DRAResourceHealth",
+    ]
     assert plugin.service == "v1.DRAPlugin"
     assert instance.registration.registered is True
     assert plugin.registration_socket == node.registrar_dir / "unidra.dev-reg.sock"
@@ -193,18 +199,21 @@ def test_opaque_config_class_then_claim_later_wins_other_drivers_ignored(
 def test_prepare_twice_returns_the_same_answer_without_side_effects(
     running, node, api: FakeApiServer
 ) -> None:
-    _, plugin = running
+    instance, plugin = running
     claim = allocated_claim(api, "twice", [result(GPU0, POOL)])
     first = plugin.prepare([claim])
     spec_file = node.cdi_root / cdi.spec_filename("unidra.dev", claim[2])
     written = spec_file.stat().st_mtime_ns
+    wait_until(lambda: instance.status.writes == 1, what="the claim's device status")
     requests_before = len(api.requests)
 
     second = plugin.prepare([claim])
 
     assert second == first
     assert spec_file.stat().st_mtime_ns == written
-    assert len(api.requests) == requests_before  # answered from the checkpoint: no claim GET
+    time.sleep(0.3)  # give a (wrong) status write the time to show up
+    claim_calls = [r for r in api.requests[requests_before:] if "/resourceclaims" in r.path]
+    assert claim_calls == []  # answered from the checkpoint: no claim GET, no status write
 
 
 def test_unprepare_of_unknown_claim_succeeds(running) -> None:

@@ -4,7 +4,8 @@
 it. A recording lists one entry per processor handle with the dictionaries amdsmi returns:
 `bdf`, `uuid`, `asic`, `vram`, `enumeration`, `kfd`, `numa`, `driver`, `vbios`, `xgmi`,
 `computePartition`, `ecc`. Any value may be {"error": <status code>} to make that call raise
-AmdSmiLibraryException, as amdsmi does.
+AmdSmiLibraryException, as amdsmi does. `notify(handle, event, message)` raises a reset or
+thermal notification for the event readers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import enum
 import json
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,25 @@ class AmdSmiLibraryException(AmdSmiException):
     def __init__(self, code: int) -> None:
         super().__init__(f"amdsmi status {code}")
         self.err_code = code
+
+
+class AmdSmiRetryException(AmdSmiLibraryException):
+    pass
+
+
+class AmdSmiTimeoutException(AmdSmiLibraryException):
+    pass
+
+
+class AmdSmiParameterException(AmdSmiException):
+    pass
+
+
+class AmdSmiEvtNotificationType(enum.IntEnum):
+    VMFAULT = 1
+    THERMAL_THROTTLE = 2
+    GPU_PRE_RESET = 3
+    GPU_POST_RESET = 4
 
 
 class AmdSmiInitFlags(enum.IntEnum):
@@ -77,6 +98,44 @@ def build(recording: dict[str, Any], init_error: int | None = None) -> types.Mod
     }
     for function, key in calls.items():
         setattr(module, function, lambda handle, key=key: answer(handle, key))
+    notifications = threading.Condition()
+
+    class AmdSmiEventReader:
+        """Like amdsmi's: registers a mask per handle; `read` drains the process-wide queue."""
+
+        def __init__(self, handle: int, event_types: list[AmdSmiEvtNotificationType]) -> None:
+            if not all(isinstance(t, AmdSmiEvtNotificationType) for t in event_types):
+                raise AmdSmiParameterException("event types must be AmdSmiEvtNotificationType")
+            state["listening"][handle] = {t.name for t in event_types}
+
+        def read(self, timeout_ms: int, num_elem: int = 10) -> list[dict[str, Any]]:
+            with notifications:
+                notifications.wait_for(lambda: state["queue"], timeout_ms / 1000)
+                if not state["queue"]:
+                    raise AmdSmiTimeoutException(8)  # AMDSMI_STATUS_TIMEOUT
+                batch = state["queue"][:num_elem]
+                del state["queue"][:num_elem]
+                return batch
+
+        def stop(self) -> None:
+            state["listening"].clear()
+
+    def notify(handle: int, event: str, message: str) -> None:
+        """What the kernel driver would raise; dropped unless a reader asked for it."""
+        with notifications:
+            if event in state["listening"].get(handle, ()):
+                state["queue"].append(
+                    {"processor_handle": handle, "event": event, "message": message}
+                )
+                notifications.notify_all()
+
+    state.update(listening={}, queue=[])
+    module.AmdSmiEventReader = AmdSmiEventReader
+    module.AmdSmiEvtNotificationType = AmdSmiEvtNotificationType
+    module.AmdSmiRetryException = AmdSmiRetryException
+    module.AmdSmiTimeoutException = AmdSmiTimeoutException
+    module.AmdSmiParameterException = AmdSmiParameterException
+    module.notify = notify  # tests raise notifications while the backend runs
     module.amdsmi_init = amdsmi_init
     module.amdsmi_shut_down = lambda: state.update(initialised=False)
     module.amdsmi_get_processor_handles = lambda: list(range(len(state["recording"]["processors"])))

@@ -22,6 +22,10 @@ from driver.kubelet.gen.dra.v1 import api_pb2 as v1_pb2
 from driver.kubelet.gen.dra.v1 import api_pb2_grpc as v1_grpc
 from driver.kubelet.gen.dra.v1beta1 import api_pb2 as v1beta1_pb2
 from driver.kubelet.gen.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from driver.kubelet.gen.dra_health.v1 import api_pb2 as health_v1_pb2
+from driver.kubelet.gen.dra_health.v1 import api_pb2_grpc as health_v1_grpc
+from driver.kubelet.gen.dra_health.v1alpha1 import api_pb2 as health_v1alpha1_pb2
+from driver.kubelet.gen.dra_health.v1alpha1 import api_pb2_grpc as health_v1alpha1_grpc
 from driver.kubelet.gen.pluginregistration.v1 import api_pb2 as reg_pb2
 from driver.kubelet.gen.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 
@@ -29,6 +33,10 @@ from driver.kubelet.gen.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 KUBELET_SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
     "v1.DRAPlugin": (v1_pb2, v1_grpc),
     "v1beta1.DRAPlugin": (v1beta1_pb2, v1beta1_grpc),
+}
+HEALTH_SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
+    "v1alpha1.DRAResourceHealth": (health_v1alpha1_pb2, health_v1alpha1_grpc),
+    "v1.DRAResourceHealth": (health_v1_pb2, health_v1_grpc),
 }
 GET_INFO_TIMEOUT = 1.0
 CALL_TIMEOUT = 45.0
@@ -80,6 +88,13 @@ class Plugin:
         )
         response = stub.NodeUnprepareResources(request, timeout=CALL_TIMEOUT)
         return self._check(request, response, devices=False)
+
+    def watch_health(self, service: str = "v1alpha1.DRAResourceHealth") -> Any:
+        """Open kubelet's health stream; iterate it for messages, `.cancel()` it to end."""
+        pb2, pb2_grpc = HEALTH_SERVICES[service]
+        return pb2_grpc.DRAResourceHealthStub(self.channel).NodeWatchResources(
+            pb2.NodeWatchResourcesRequest()
+        )
 
     @staticmethod
     def _check(request: Any, response: Any, devices: bool) -> dict[str, ClaimResult]:

@@ -1,7 +1,7 @@
 """AMD backend: amdsmi (a fake replaying an MI300X recording) and the sysfs/KFD fallback.
 
 Covers the common model with the xGMI hive as interconnect domain, CPX partitions as devices,
-DRM and KFD device numbers from sysfs, ECC health events, metrics from sysfs, and the error
+DRM and KFD device numbers from sysfs, ECC, reset and thermal health events, metrics from sysfs, and the error
 paths: amdsmi missing (KeyError at import, as the real one raises) falls back to sysfs, and no
 amdgpu driver at all is a one-line reason.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
+from collections.abc import Iterator
 
 import pytest
 
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from driver.model import HealthEvent
 from support import amdsmi_fake
 from support.hosts import FakeHost
 from vendors.amd import AmdBackend
@@ -164,17 +167,44 @@ def test_amdsmi_that_cannot_start_falls_back_to_sysfs(host: FakeHost) -> None:
     assert backend.source == "sysfs" and len(backend.discover()) == 8
 
 
-def test_new_uncorrectable_ecc_errors_are_health_events(host: FakeHost) -> None:
+@pytest.fixture
+def monitored(
+    host: FakeHost,
+) -> Iterator[tuple[types.ModuleType, Iterator[HealthEvent], threading.Event]]:
+    """amdsmi's fake, and the health events of a backend on it; stop the event when done."""
     mi300x_host(host)
     with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")) as fake:
-        backend = AmdBackend(BackendContext(host_root=host.root, options={"poll-seconds": "0.01"}))
+        backend = AmdBackend(BackendContext(host_root=host.root, options={"poll-seconds": "0.02"}))
         backend.discover()
         stop = threading.Event()
-        events = backend.health_events(stop)
-        fake.state["recording"]["processors"][2]["ecc"]["uncorrectable_count"] = 3
-        event = next(events)
+        yield fake, backend.health_events(stop), stop
         stop.set()
+
+
+def test_new_uncorrectable_ecc_errors_are_health_events(monitored) -> None:  # type: ignore[no-untyped-def]
+    fake, events, _ = monitored
+    fake.state["recording"]["processors"][2]["ecc"]["uncorrectable_count"] = 3
+    event = next(events)
     assert (event.device, event.kind, event.code) == ("gpu-0000-46-00-0", "ecc-uncorrectable", "3")
+
+
+def test_resets_and_thermal_throttling_are_health_events(monitored) -> None:  # type: ignore[no-untyped-def]
+    fake, events, stop = monitored
+    fake.notify(1, "GPU_PRE_RESET", "reset scheduled")
+    fake.notify(1, "GPU_POST_RESET", "")
+    fake.notify(4, "THERMAL_THROTTLE", "throttled at 105 C")
+    fake.notify(4, "VMFAULT", "page fault at 0x7f00")
+    seen = [next(events) for _ in range(4)]
+    stop.set()
+    assert list(events) == []  # the loop ends once stopped
+    assert [(e.device, e.kind, e.code, e.healthy) for e in seen] == [
+        ("gpu-0000-26-00-0", "device-status", "reset", False),
+        ("gpu-0000-26-00-0", "recovered", "reset", True),
+        ("gpu-0000-85-00-0", "overheating", "thermal-throttle", False),
+        ("gpu-0000-85-00-0", "application-error", "vm-fault", True),
+    ]
+    assert seen[0].message == "amdsmi: reset scheduled" and seen[1].message == "amdsmi: reset"
+    assert fake.state["listening"] == {}  # readers are stopped on the way out
 
 
 def test_metrics_from_sysfs(host: FakeHost) -> None:

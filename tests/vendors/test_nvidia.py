@@ -15,7 +15,7 @@ import pytest
 
 from driver import conformance
 from driver.backends import BackendContext
-from driver.errors import BackendUnavailable
+from driver.errors import BackendUnavailable, ConfigError
 from support import nvml
 from support.hosts import FakeHost
 from vendors.nvidia import NvidiaBackend, capabilities, classify
@@ -179,6 +179,14 @@ def test_xid_classification(xid: int, kind: str, healthy: bool) -> None:
 def test_extra_ignored_xids_are_configurable() -> None:
     event = classify(pynvml.nvmlEventTypeXidCriticalError, 119, "gpu-x", pynvml, frozenset({119}))
     assert event is not None and event.healthy
+
+
+def test_a_malformed_ignore_xids_option_is_a_config_error(host: FakeHost) -> None:
+    with (
+        nvml.install(nvml.load("dgx-h100.json")),
+        pytest.raises(ConfigError, match=r"nvidia\.ignore-xids=79,x: expected Xid numbers"),
+    ):
+        NvidiaBackend(BackendContext(host_root=host.root, options={"ignore-xids": "79,x"}))
 
 
 def test_metrics_sample(dgx) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -38,6 +39,16 @@ _TARGETS = {
     "gfx908": ("cdna", {"fp64", "fp32", "bf16", "fp16", "int8"}),
     "gfx1100": ("rdna3", {"fp32", "bf16", "fp16", "int8", "int4"}),
     "gfx1201": ("rdna4", {"fp32", "bf16", "fp16", "fp8", "int8", "int4"}),
+}
+
+
+# amdsmi notification -> (kind, code, healthy). A reset makes the GPU unusable until it completes,
+# and its completion is the recovery signal; a VM fault is the application's, like NVIDIA's Xid 31.
+_NOTIFICATIONS = {
+    "GPU_PRE_RESET": ("device-status", "reset", False),
+    "GPU_POST_RESET": ("recovered", "reset", True),
+    "THERMAL_THROTTLE": ("overheating", "thermal-throttle", False),
+    "VMFAULT": ("application-error", "vm-fault", True),
 }
 
 
@@ -153,25 +164,84 @@ class AmdBackend:
         return ContainerEdits(device_nodes=(kfd,))
 
     def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
-        """Uncorrectable ECC (RAS) errors that appear from now on, polled every few seconds."""
+        """amdsmi's reset and thermal notifications as they arrive, and new uncorrectable ECC (RAS)
+        errors polled every few seconds."""
         seen = {device.name: self._uncorrectable(gpu) for device, gpu in self._gpus.values()}
-        return self._new_ecc_errors(seen, stop)
+        return self._watch(seen, self._event_readers(), stop)
 
-    def _new_ecc_errors(
-        self, seen: dict[str, int | None], stop: threading.Event
+    def _watch(
+        self, seen: dict[str, int | None], readers: list[Any], stop: threading.Event
     ) -> Iterator[HealthEvent]:
-        while not stop.wait(self.poll_seconds):
+        next_ecc = time.monotonic() + self.poll_seconds
+        try:
+            while not stop.is_set():
+                if readers:
+                    yield from self._notifications(readers[0], min(self.poll_seconds, 1.0))
+                elif stop.wait(self.poll_seconds):
+                    return
+                if time.monotonic() >= next_ecc:
+                    next_ecc = time.monotonic() + self.poll_seconds
+                    yield from self._new_ecc_errors(seen)
+        finally:
+            for reader in readers:
+                with contextlib.suppress(Exception):
+                    reader.stop()
+
+    def _event_readers(self) -> list[Any]:
+        """One notification reader per GPU handle; empty without amdsmi or its event support."""
+        smi = self.amdsmi
+        if smi is None or not hasattr(smi, "AmdSmiEventReader"):
+            return []
+        kinds = [
+            smi.AmdSmiEvtNotificationType[name]
+            for name in _NOTIFICATIONS
+            if name in smi.AmdSmiEvtNotificationType.__members__
+        ]
+        readers = []
+        for handle in {
+            _handle_key(gpu.handle): gpu.handle for _, gpu in self._gpus.values()
+        }.values():
+            try:
+                try:
+                    readers.append(smi.AmdSmiEventReader(handle, kinds))
+                except smi.AmdSmiParameterException:  # amdsmi before 6.2 takes the types as *args
+                    readers.append(smi.AmdSmiEventReader(handle, *kinds))
+            except smi.AmdSmiException as err:
+                log.info("amdsmi event notifications unavailable", extra={"reason": str(err)})
+                return readers
+        return readers
+
+    def _notifications(self, reader: Any, timeout: float) -> Iterator[HealthEvent]:
+        """amdsmi's notification queue is per process: any reader returns every GPU's events."""
+        smi = self.amdsmi
+        assert smi is not None
+        try:
+            notifications = reader.read(int(timeout * 1000))
+        except (smi.AmdSmiTimeoutException, smi.AmdSmiRetryException):
+            return
+        for notification in notifications:
+            mapped = _NOTIFICATIONS.get(str(notification.get("event")))
+            if mapped is None:
+                continue
+            kind, code, healthy = mapped
+            handle = _handle_key(notification.get("processor_handle"))
+            message = str(notification.get("message") or "").strip() or code
             for device, gpu in list(self._gpus.values()):
-                count = self._uncorrectable(gpu)
-                before = seen.get(device.name)
-                seen[device.name] = count
-                if count is not None and before is not None and count > before:
-                    yield HealthEvent(
-                        device.name,
-                        "ecc-uncorrectable",
-                        str(count),
-                        f"{count - before} new uncorrectable ECC errors",
-                    )
+                if _handle_key(gpu.handle) == handle:
+                    yield HealthEvent(device.name, kind, code, f"amdsmi: {message}", healthy)
+
+    def _new_ecc_errors(self, seen: dict[str, int | None]) -> Iterator[HealthEvent]:
+        for device, gpu in list(self._gpus.values()):
+            count = self._uncorrectable(gpu)
+            before = seen.get(device.name)
+            seen[device.name] = count
+            if count is not None and before is not None and count > before:
+                yield HealthEvent(
+                    device.name,
+                    "ecc-uncorrectable",
+                    str(count),
+                    f"{count - before} new uncorrectable ECC errors",
+                )
 
     def sample(self) -> Sequence[DeviceSample]:
         return [self._sample(device, gpu) for device, gpu in self._gpus.values()]
@@ -317,6 +387,11 @@ class AmdBackend:
             temperature_celsius=int(temperature) / 1000 if temperature else None,
             errors_uncorrected=self._uncorrectable(gpu),
         )
+
+
+def _handle_key(handle: Any) -> Any:
+    """amdsmi hands out handles as ctypes pointers but reports them in events as plain integers."""
+    return getattr(handle, "value", handle)
 
 
 def _import_amdsmi() -> ModuleType | None:

@@ -142,8 +142,8 @@ class FuriosaBackend:
                 if alive.get(name, True) != now:
                     yield HealthEvent(
                         name,
-                        "lost" if not now else "liveness",
-                        message="liveness check",
+                        "lost",
+                        message="liveness check " + ("passed" if now else "failed"),
                         healthy=now,
                     )
                 alive[name] = now

@@ -18,7 +18,7 @@ from typing import Any
 
 from driver import pci
 from driver.backends import BackendContext
-from driver.errors import BackendUnavailable
+from driver.errors import BackendUnavailable, ConfigError
 from driver.model import (
     ContainerEdits,
     Device,
@@ -71,8 +71,7 @@ class NvidiaBackend:
     def __init__(self, context: BackendContext, nvml: ModuleType | None = None) -> None:
         self.host = Host(context.host_root)
         self.node_name = context.node_name
-        extra = context.options.get("ignore-xids", "")
-        self.ignored_xids = frozenset(int(x) for x in extra.split(",") if x.strip())
+        self.ignored_xids = _xids(context.options.get("ignore-xids", ""))
         self.nvml = nvml or _import_pynvml()
         _init(self.nvml)
         self._gpus: dict[str, _Gpu] = {}
@@ -333,13 +332,16 @@ class NvidiaBackend:
                         healthy=True,
                     )
             next_poll = 0.0
+            lost: set[str] = set()
             while not stop.is_set():
                 try:
                     data = nvml.nvmlEventSetWait_v2(event_set, EVENT_WAIT_MS)
                 except nvml.NVMLError_Timeout:
                     data = None
                 except nvml.NVMLError_GpuIsLost:
-                    yield from self._lost(by_uuid)
+                    for lost_event in self._lost():
+                        lost.add(lost_event.device)
+                        yield lost_event
                     stop.wait(1.0)
                     continue
                 if data is not None:
@@ -356,10 +358,17 @@ class NvidiaBackend:
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + ROW_REMAP_POLL_SECONDS
                     yield from self._row_remap_failures()
+                    # A lost GPU that answers again (after a reset) has proven healthy.
+                    still_lost = {event.device for event in self._lost()}
+                    for name in sorted(lost - still_lost):
+                        yield HealthEvent(
+                            name, "lost", message="NVML reads the GPU again", healthy=True
+                        )
+                    lost &= still_lost
         finally:
             nvml.nvmlEventSetFree(event_set)
 
-    def _lost(self, by_uuid: dict[str, str]) -> Iterator[HealthEvent]:
+    def _lost(self) -> Iterator[HealthEvent]:
         for gpu in self._gpus.values():
             try:
                 self.nvml.nvmlDeviceGetUUID(gpu.handle)
@@ -425,24 +434,19 @@ def classify(
 ) -> HealthEvent | None:
     """An NVML event as a vendor-neutral health event (NVIDIA's application Xids keep the GPU healthy)."""
     if event_type == nvml.nvmlEventTypeXidCriticalError:
-        if capabilities.xid_is_application_error(data, ignored_xids):
-            return HealthEvent(
-                device,
-                "application-error",
-                str(data),
-                f"Xid {data}: application error",
-                healthy=True,
-            )
-        if data == 79:
-            return HealthEvent(device, "lost", "79", "Xid 79: GPU has fallen off the bus")
-        if data in (48, 94, 95):
-            return HealthEvent(
-                device, "ecc-uncorrectable", str(data), f"Xid {data}: uncorrectable ECC error"
-            )
-        return HealthEvent(device, "xid", str(data), f"Xid {data}")
+        return capabilities.xid_event(data, device, ignored_xids)
     if event_type == nvml.nvmlEventTypeDoubleBitEccError:
         return HealthEvent(device, "ecc-uncorrectable", "dbe", "double-bit ECC error")
     return None
+
+
+def _xids(option: str) -> frozenset[int]:
+    try:
+        return frozenset(int(x) for x in option.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(
+            "--backend-option", f"nvidia.ignore-xids={option}: expected Xid numbers such as 119,120"
+        ) from None
 
 
 def _import_pynvml() -> ModuleType:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from driver.model import HealthEvent
+
 # NVML_DEVICE_ARCH_* values.
 _ARCHITECTURES = {
     2: "kepler",
@@ -67,3 +69,18 @@ def mig_profile_name(slices: int, memory_mib: int, total_bytes: int) -> str:
 def xid_is_application_error(xid: int, extra_ignored: frozenset[int] = frozenset()) -> bool:
     """Xids NVIDIA's own tools treat as the application's fault: the GPU stays healthy."""
     return xid in {13, 31, 43, 45, 68, 109} or xid in extra_ignored
+
+
+def xid_event(xid: int, device: str, extra_ignored: frozenset[int] = frozenset()) -> HealthEvent:
+    """An Xid as a vendor-neutral health event."""
+    if xid_is_application_error(xid, extra_ignored):
+        return HealthEvent(
+            device, "application-error", str(xid), f"Xid {xid}: application error", healthy=True
+        )
+    if xid == 79:
+        return HealthEvent(device, "lost", "79", "Xid 79: GPU has fallen off the bus")
+    if xid in (48, 94, 95):
+        return HealthEvent(
+            device, "ecc-uncorrectable", str(xid), f"Xid {xid}: uncorrectable ECC error"
+        )
+    return HealthEvent(device, "xid", str(xid), f"Xid {xid}")

@@ -146,7 +146,7 @@ class RebellionsBackend:
                 status = str(now.get("status", "unknown")) if now else "missing"
                 if last.get(name, "normal") != status:
                     healthy = status.lower() in HEALTHY_STATUS
-                    kind = "lost" if now is None else "device-status"
+                    kind = "lost" if now is None or last.get(name) == "missing" else "device-status"
                     yield HealthEvent(
                         name, kind, status, f"rbln-smi status: {status}", healthy=healthy
                     )

@@ -1,30 +1,44 @@
 """The simulated backend: realistic devices from node profiles, for demos, tests and benchmarks.
 
 Devices carry the attributes and CDI edits of the real vendor (device node names, majors and
-minors, env). With the `dev-root` option, CDI device nodes point at that fake /dev tree.
+minors, env). With the `dev-root` option, CDI device nodes point at that fake /dev tree. Faults
+can be injected at run time (`unidra simulate inject`), and metrics are synthetic but plausible.
 """
 
 from __future__ import annotations
 
+import math
+import queue
 import re
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from driver.backends import BackendContext
-from driver.errors import BackendUnavailable
+from driver.errors import BackendUnavailable, ConfigError
 from driver.model import (
     ContainerEdits,
     Device,
     DeviceNode,
+    DeviceSample,
+    HealthEvent,
     Interconnect,
     Partition,
     PartitionLayout,
 )
+from vendors.nvidia.capabilities import xid_event
 from vendors.simulated import profiles
 from vendors.simulated.profiles import ModelSpec, NodeTemplate, Placement
 
+# Faults `unidra simulate inject --fault` accepts, besides xid-<number>.
+FAULTS = {
+    "ecc-dbe": ("ecc-uncorrectable", "dbe", "double-bit ECC error (injected)"),
+    "lost": ("lost", "", "device lost (injected)"),
+    "overheat": ("overheating", "thermal", "temperature above the slowdown threshold (injected)"),
+}
 # A fixed namespace so the same node and profile always yield the same device UUIDs.
 _UUID_NAMESPACE = uuid.UUID("6f2c1a4e-93d1-4c55-9a7e-2b7f0e4d5c10")
 
@@ -58,6 +72,9 @@ class SimulatedBackend:
         dev_root = context.options.get("dev-root")
         self.dev_root = dev_root.rstrip("/") if dev_root else None
         self._devices = self._build()
+        self._events: queue.Queue[HealthEvent] = queue.Queue()
+        self._faulty: set[str] = set()
+        self._started = time.monotonic()
 
     def discover(self) -> Sequence[Device]:
         # Editing a profile file is how one simulates hot-plug: the next discovery sees it.
@@ -128,6 +145,72 @@ class SimulatedBackend:
             self._node(node, entries[0]) for model in models for node in model.shared_device_nodes
         ]
         return ContainerEdits(env=tuple(env), device_nodes=tuple(dict.fromkeys(nodes)))
+
+    def inject(self, device: str, fault: str) -> HealthEvent:
+        """Make a device raise a fault: `xid-<number>`, `ecc-dbe`, `lost` or `overheat`."""
+        self._known(device)
+        if fault.startswith("xid-") and fault[4:].isdigit():
+            event = xid_event(int(fault[4:]), device)
+        elif fault in FAULTS:
+            kind, code, message = FAULTS[fault]
+            event = HealthEvent(device, kind, code, message)
+        else:
+            raise ConfigError(
+                "--fault", f"{fault!r} is not one of xid-<number>, {', '.join(FAULTS)}"
+            )
+        if not event.healthy:
+            self._faulty.add(device)
+        self._events.put(event)
+        return event
+
+    def recover(self, device: str) -> HealthEvent:
+        """The device was reset: every fault clears."""
+        self._known(device)
+        self._faulty.discard(device)
+        event = HealthEvent(
+            device, "recovered", message="device reset (injected recovery)", healthy=True
+        )
+        self._events.put(event)
+        return event
+
+    def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
+        while not stop.is_set():
+            try:
+                yield self._events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def sample(self) -> Sequence[DeviceSample]:
+        """Plausible, slowly varying readings; a faulty device reads as idle and hot."""
+        elapsed = time.monotonic() - self._started
+        samples = []
+        for entry in self._devices.values():
+            device = entry.device
+            phase = elapsed / 60 + entry.index
+            busy = 0.0 if device.name in self._faulty else 0.5 + 0.4 * math.sin(phase)
+            samples.append(
+                DeviceSample(
+                    device=device.name,
+                    utilization=round(busy, 3),
+                    memory_used_bytes=int(device.memory_bytes * busy * 0.8),
+                    memory_limit_bytes=device.memory_bytes,
+                    power_watts=round(80 + 500 * busy, 1),
+                    energy_joules=round(elapsed * (80 + 250 * busy), 1),
+                    temperature_celsius=95.0
+                    if device.name in self._faulty
+                    else round(35 + 30 * busy, 1),
+                    errors_corrected=0,
+                    errors_uncorrected=1 if device.name in self._faulty else 0,
+                )
+            )
+        return samples
+
+    def _known(self, device: str) -> None:
+        if not any(entry.device.name == device for entry in self._devices.values()):
+            names = ", ".join(sorted(e.device.name for e in self._devices.values()))
+            raise ConfigError(
+                "--device", f"{device!r} is not a simulated device here; devices: {names}"
+            )
 
     def _mtime(self) -> float | None:
         path = Path(self.profile_ref)

@@ -1,0 +1,213 @@
+"""Claim device status (KEP-4817): our devices in a claim's `status.devices`, kept current with their health.
+
+Writes happen in a background thread from a queue, so a slow or failing API server never
+delays or fails a prepare. Entries of other drivers are kept; ours are replaced; a conflict
+re-reads the claim and tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from driver.checkpoint import CheckpointStore, PreparedClaim, PrepareState
+from driver.claims import ClaimRef
+from driver.errors import ClaimError, UnidraError
+from driver.health import HealthBoard
+from driver.inventory import Inventory
+from driver.kubeapi import ClaimStatusApi, Conflict
+from driver.model import Device, HealthStatus, Partition
+from driver.supervisor import Backoff
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5
+
+
+class ClaimStatusWriter:
+    def __init__(
+        self,
+        *,
+        api: ClaimStatusApi,
+        driver: str,
+        pool: str,
+        store: CheckpointStore,
+        board: HealthBoard,
+        inventory: Callable[[], Inventory],
+    ) -> None:
+        self.api = api
+        self.driver = driver
+        self.pool = pool
+        self.store = store
+        self.board = board
+        self.inventory = inventory
+        self._queue: queue.Queue[tuple[ClaimRef, int]] = queue.Queue()
+        self._health: dict[str, tuple[HealthStatus, str]] = {}
+        self._current: set[str] = (
+            set()
+        )  # claim UIDs whose status we wrote; health changes requeue them
+        self.writes = 0
+        self.failures = 0
+
+    def prepared(self, ref: ClaimRef) -> None:
+        if ref.uid not in self._current:  # kubelet repeating a prepare costs no API call
+            self._queue.put((ref, 0))
+
+    def unprepared(self, ref: ClaimRef) -> None:
+        self._current.discard(ref.uid)
+        self._queue.put((ref, 0))
+
+    def health_changed(self) -> None:
+        """Re-write the claims whose devices changed health."""
+        checkpoint = self.store.read()
+        for claim in checkpoint.claims.values():
+            if claim.state is not PrepareState.COMPLETED or not claim.namespace:
+                continue
+            now = {d.device: self.board.status(self._health_name(d.device)) for d in claim.devices}
+            if any(
+                self._health.get(f"{claim.uid}/{name}") != status for name, status in now.items()
+            ):
+                self._queue.put((ClaimRef(claim.namespace, claim.name, claim.uid), 0))
+
+    def loop(self, stop: threading.Event) -> None:
+        backoff = Backoff(initial=0.5, cap=30.0)
+        while not stop.is_set():
+            try:
+                ref, attempt = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._write(ref)
+                backoff.reset()
+            except ClaimError as err:
+                log.info("Claim status not written", extra={"claim": str(ref), "reason": str(err)})
+            except UnidraError as err:
+                self.failures += 1
+                if attempt + 1 < MAX_ATTEMPTS:
+                    stop.wait(backoff.next())
+                    self._queue.put((ref, attempt + 1))
+                else:
+                    log.warning(
+                        "Giving up on a claim status update",
+                        extra={"claim": str(ref), "error": str(err)},
+                    )
+
+    def _write(self, ref: ClaimRef) -> None:
+        for _ in range(3):
+            claim = self.api.get(ref.namespace, ref.name)
+            if claim.get("metadata", {}).get("uid") != ref.uid:
+                return  # replaced or gone: nothing of ours to show
+            prepared = self.store.read().claims.get(ref.uid)
+            ours = (
+                self._entries(prepared, claim)
+                if prepared and prepared.state is PrepareState.COMPLETED
+                else []
+            )
+            status = claim.setdefault("status", {})
+            others = [
+                d
+                for d in status.get("devices") or []
+                if d.get("driver") != self.driver or d.get("pool") != self.pool
+            ]
+            wanted = others + ours
+            changed = wanted != (status.get("devices") or [])
+            if changed:
+                status["devices"] = wanted
+                try:
+                    self.api.replace_status(ref.namespace, ref.name, claim)
+                except Conflict:
+                    continue
+            if ours:
+                self._current.add(ref.uid)
+            self.writes += changed
+            return
+        raise Conflict(f"the status of claim {ref} kept changing under us")
+
+    def _entries(self, prepared: PreparedClaim, claim: Mapping[str, Any]) -> list[dict[str, Any]]:
+        existing = {
+            (d.get("device"), d.get("shareID")): d
+            for d in claim.get("status", {}).get("devices") or []
+            if d.get("driver") == self.driver
+        }
+        inventory = self.inventory()
+        entries = []
+        for device in prepared.devices:
+            health, message = self.board.status(self._health_name(device.device))
+            self._health[f"{prepared.uid}/{device.device}"] = (health, message)
+            previous = existing.get((device.device, device.share_id), {})
+            conditions = [
+                _condition(
+                    previous,
+                    "Ready",
+                    health is not HealthStatus.UNHEALTHY,
+                    "Prepared" if health is not HealthStatus.UNHEALTHY else "DeviceUnhealthy",
+                    message or "prepared for the claim's containers",
+                ),
+                _condition(
+                    previous,
+                    "Healthy",
+                    {HealthStatus.HEALTHY: "True", HealthStatus.UNHEALTHY: "False"}.get(
+                        health, "Unknown"
+                    ),
+                    {
+                        HealthStatus.HEALTHY: "DeviceHealthy",
+                        HealthStatus.UNHEALTHY: "DeviceUnhealthy",
+                    }.get(health, "NoHealthSignal"),
+                    message or str(health),
+                ),
+            ]
+            entry: dict[str, Any] = {
+                "driver": self.driver,
+                "pool": device.pool,
+                "device": device.device,
+            }
+            if device.share_id:
+                entry["shareID"] = device.share_id
+            entry["conditions"] = conditions
+            entry["data"] = _data(inventory.allocatable(device.device), health)
+            entries.append(entry)
+        return entries
+
+    def _health_name(self, device: str) -> str:
+        """Partitions share their parent's health."""
+        item = self.inventory().allocatable(device)
+        return item.parent.name if isinstance(item, Partition) else device
+
+
+def _condition(
+    previous: Mapping[str, Any], kind: str, status: bool | str, reason: str, message: str
+) -> dict[str, Any]:
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    before = next((c for c in previous.get("conditions") or [] if c.get("type") == kind), None)
+    # lastTransitionTime moves only when the status does.
+    if before is None or before.get("status") != value:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    else:
+        when = str(before["lastTransitionTime"])
+    return {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message[:1024],
+        "lastTransitionTime": when,
+    }
+
+
+def _data(item: Device | Partition | None, health: HealthStatus) -> dict[str, Any]:
+    """What consumers such as KubeVirt can use without asking the driver."""
+    if item is None:
+        return {"health": str(health)}
+    device = item.parent if isinstance(item, Partition) else item
+    data: dict[str, Any] = {"vendor": device.vendor, "model": device.model, "health": str(health)}
+    if device.uuid and not isinstance(item, Partition):
+        data["uuid"] = device.uuid
+    if device.pci_bus_id:
+        data["pciBusID"] = device.pci_bus_id
+    if isinstance(item, Partition):
+        data["parentUUID"] = device.uuid
+        data["partitionProfile"] = item.profile
+    return data

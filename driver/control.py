@@ -1,0 +1,91 @@
+"""The control socket: `unidra simulate inject|recover|health` talk to the running daemon through it.
+
+One JSON request per connection on `<plugin-dir>/control.sock`, readable and writable by root
+only; the answer is one JSON object. Faults reach only backends that accept them (simulated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from driver.errors import UnidraError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+MAX_REQUEST = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: Path, handle: Handler) -> None:
+        self.path = path
+        self.handle = handle
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        outer = self
+
+        class _Request(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                line = self.rfile.readline(MAX_REQUEST)
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request is a JSON object")
+                    answer = outer.handle(request)
+                except (ValueError, UnidraError) as err:
+                    answer = {"error": str(err)}
+                except Exception as err:
+                    log.exception("Control request failed")
+                    answer = {"error": f"internal error: {err}"}
+                self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+        self._server = socketserver.ThreadingUnixStreamServer(str(path), _Request)
+        self._server.daemon_threads = True
+        os.chmod(path, 0o600)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="control-socket",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.path.unlink(missing_ok=True)
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to a running daemon; UnidraError when it is not there."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(timeout)
+            client.connect(str(path))
+            client.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except FileNotFoundError as err:
+        raise UnidraError(
+            f"no daemon control socket at {path}: is `unidra kubelet-plugin` running here?"
+        ) from err
+    except PermissionError as err:
+        raise UnidraError(f"no permission to use {path}: run as root") from err
+    except OSError as err:
+        raise UnidraError(f"cannot talk to the daemon at {path}: {err}") from err
+    answer: dict[str, Any] = json.loads(data or b"{}")
+    return answer

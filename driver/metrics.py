@@ -1,0 +1,355 @@
+"""Prometheus metrics: one device schema for every vendor (OpenTelemetry hardware conventions in
+Prometheus form), claim/pod attribution from the driver's own state, and the driver's own operations.
+
+Device readings come from a sampling thread; a scrape only reads its last snapshot, so a scrape
+never waits for a vendor library. docs/metrics.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from driver.backends import Backend, Sampler
+from driver.checkpoint import CheckpointCorrupt, CheckpointStore, PrepareState
+from driver.claims import Consumer
+from driver.health import KINDS, Effect, HealthBoard
+from driver.inventory import Inventory
+from driver.model import Device, DeviceSample, HealthStatus, Partition
+
+log = logging.getLogger(__name__)
+
+DEVICE_LABELS = ("hw_id", "hw_type", "hw_vendor", "hw_model", "uuid", "k8s_node_name")
+OPERATIONS = ("prepare", "unprepare")
+ERROR_REASONS = (
+    "ClaimError",
+    "ConfigError",
+    "RetryableError",
+    "LockTimeout",
+    "CheckpointCorrupt",
+    "internal",
+)
+
+# Publisher failures by error class; anything else is counted as "other".
+API_ERROR_REASONS = ("Conflict", "Gone", "RetryableError", "ClaimError", "FatalError", "other")
+
+
+class DriverMetrics:
+    """Counters and histograms of the driver's own work, label sets pre-initialised."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.operations = Counter(
+            "unidra_operations",
+            "Claims prepared or unprepared, by result.",
+            ["operation", "result"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "unidra_operation_duration_seconds",
+            "Time to prepare or unprepare one claim.",
+            ["operation"],
+            buckets=(
+                0.0005,
+                0.001,
+                0.002,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+            ),
+            registry=registry,
+        )
+        self.errors = Counter(
+            "unidra_operation_errors",
+            "Failed claim operations, by error reason.",
+            ["operation", "reason"],
+            registry=registry,
+        )
+        self.slice_syncs = Counter(
+            "unidra_slice_syncs",
+            "ResourceSlice reconciliations, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.slice_writes = Counter(
+            "unidra_slice_writes", "ResourceSlice API writes, by verb.", ["verb"], registry=registry
+        )
+        self.api_errors = Counter(
+            "unidra_api_errors", "Kubernetes API errors, by reason.", ["reason"], registry=registry
+        )
+        self.health_events = Counter(
+            "unidra_health_events", "Device health events, by kind.", ["kind"], registry=registry
+        )
+        self.restarts = Counter(
+            "unidra_background_restarts",
+            "Background loops restarted after a crash or an unexpected return.",
+            ["loop"],
+            registry=registry,
+        )
+        self.registered = Gauge(
+            "unidra_registered",
+            "1 while kubelet has accepted the plugin registration.",
+            registry=registry,
+        )
+        for operation in OPERATIONS:
+            for result in ("success", "error"):
+                self.operations.labels(operation, result)
+            self.duration.labels(operation)
+            for reason in ERROR_REASONS:
+                self.errors.labels(operation, reason)
+        for result in ("success", "error"):
+            self.slice_syncs.labels(result)
+        for verb in ("create", "update", "delete"):
+            self.slice_writes.labels(verb)
+        for api_reason in API_ERROR_REASONS:
+            self.api_errors.labels(api_reason)
+        for kind in KINDS:
+            self.health_events.labels(kind)
+
+    def observe(self, operation: str, seconds: float, error: Exception | None) -> None:
+        self.duration.labels(operation).observe(seconds)
+        self.operations.labels(operation, "error" if error else "success").inc()
+        if error is not None:
+            reason = type(error).__name__
+            self.errors.labels(operation, reason if reason in ERROR_REASONS else "internal").inc()
+
+    def api_error(self, reason: str) -> None:
+        self.slice_syncs.labels("error").inc()
+        self.api_errors.labels(reason if reason in API_ERROR_REASONS else "other").inc()
+
+    def watch_loops(self, names: Iterable[str]) -> None:
+        """Start every loop's restart counter at zero, so a first crash shows as an increase."""
+        for name in names:
+            self.restarts.labels(name)
+
+
+@dataclass
+class SampleCache:
+    """The last readings of every device, refreshed by the sampling loop."""
+
+    samples: dict[str, DeviceSample] = field(default_factory=dict)
+    taken: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def replace(self, samples: Sequence[DeviceSample]) -> None:
+        with self.lock:
+            self.samples = {s.device: s for s in samples}
+            self.taken = time.time()
+
+    def get(self) -> dict[str, DeviceSample]:
+        with self.lock:
+            return dict(self.samples)
+
+
+def sampling_loop(
+    backends: Callable[[], Sequence[Backend]], cache: SampleCache, interval: float
+) -> Callable[[threading.Event], None]:
+    def loop(stop: threading.Event) -> None:
+        while True:
+            readings: list[DeviceSample] = []
+            for backend in backends():
+                if isinstance(backend, Sampler):
+                    try:
+                        readings.extend(backend.sample())
+                    except Exception as err:
+                        log.warning(
+                            "Sampling failed", extra={"backend": backend.name, "error": str(err)}
+                        )
+            cache.replace(readings)
+            if stop.wait(interval):
+                return
+
+    return loop
+
+
+class DeviceCollector(Collector):
+    """Device series at scrape time, from the sample cache, the inventory, the health board and the checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        inventory: Callable[[], Inventory],
+        board: HealthBoard,
+        store: CheckpointStore,
+        cache: SampleCache,
+    ) -> None:
+        self.node = node
+        self.inventory = inventory
+        self.board = board
+        self.store = store
+        self.cache = cache
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # names are known only at scrape time; skip the registry's check
+
+    def collect(self) -> Iterator[Metric]:
+        inventory = self.inventory()
+        samples = self.cache.get()
+        utilization = _gauge(
+            "hw_gpu_utilization_ratio",
+            "Fraction of time the device was busy (hw.gpu.utilization).",
+            ("hw_gpu_task",),
+        )
+        memory_usage = _gauge(
+            "hw_gpu_memory_usage_bytes", "Device memory in use (hw.gpu.memory.usage)."
+        )
+        memory_limit = _gauge(
+            "hw_gpu_memory_limit_bytes", "Device memory size (hw.gpu.memory.limit)."
+        )
+        power = _gauge("hw_power_watts", "Power draw (hw.power).")
+        energy = CounterMetricFamily(
+            "hw_energy_joules",
+            "Energy used since the driver loaded (hw.energy).",
+            labels=DEVICE_LABELS,
+        )
+        temperature = _gauge(
+            "hw_temperature_celsius",
+            "Device temperature (hw.temperature).",
+            ("hw_sensor_location",),
+        )
+        errors = CounterMetricFamily(
+            "hw_errors", "Memory errors (hw.errors).", labels=(*DEVICE_LABELS, "error_type")
+        )
+        status = _gauge("hw_status", "1 for the device's current state (hw.status).", ("hw_state",))
+        info = _gauge(
+            "unidra_device_info",
+            "Static facts of a device; value 1.",
+            ("pci_bus_id", "numa_node", "architecture", "driver_version", "partition"),
+        )
+        for device in inventory.devices:
+            labels = self._labels(device)
+            sample = samples.get(device.name)
+            state = self._state(device.name)
+            for value in ("ok", "degraded", "failed"):
+                status.add_metric([*labels, value], 1.0 if value == state else 0.0)
+            info.add_metric(
+                [
+                    *labels,
+                    device.pci_bus_id or "",
+                    "" if device.numa_node is None else str(device.numa_node),
+                    device.architecture,
+                    device.driver_version or "",
+                    "true" if device.partition_profile else "false",
+                ],
+                1.0,
+            )
+            memory_limit.add_metric(
+                labels,
+                float(
+                    sample.memory_limit_bytes
+                    if sample and sample.memory_limit_bytes
+                    else device.memory_bytes
+                ),
+            )
+            if sample is None:
+                continue
+            _add(utilization, [*labels, "general"], sample.utilization)
+            _add(memory_usage, labels, sample.memory_used_bytes)
+            _add(power, labels, sample.power_watts)
+            _add(energy, labels, sample.energy_joules)
+            _add(temperature, [*labels, "die"], sample.temperature_celsius)
+            _add(errors, [*labels, "corrected"], sample.errors_corrected)
+            _add(errors, [*labels, "uncorrected"], sample.errors_uncorrected)
+        yield from (
+            utilization,
+            memory_usage,
+            memory_limit,
+            power,
+            energy,
+            temperature,
+            errors,
+            status,
+            info,
+        )
+        yield from self._claims(inventory)
+
+    def _state(self, device: str) -> str | None:
+        """hw.status: failed for faults that make running work wrong, degraded for the rest."""
+        health, _ = self.board.status(device)
+        if health is HealthStatus.HEALTHY:
+            return "ok"
+        if health is HealthStatus.UNKNOWN:
+            return None  # no series at 1: an unmonitored device is neither ok nor failing
+        return "failed" if self.board.worst_effect(device) is Effect.NO_EXECUTE else "degraded"
+
+    def _labels(self, device: Device) -> list[str]:
+        return [device.name, device.type.value, device.vendor, device.model, device.uuid, self.node]
+
+    def _claims(self, inventory: Inventory) -> Iterator[Metric]:
+        """One series per (device, pod using it), from the driver's own prepared-claim state."""
+        claims = GaugeMetricFamily(
+            "unidra_claim_device_info",
+            "Joins a device to the claim holding it and the pods the claim is reserved for; value 1.",
+            labels=(
+                "hw_id",
+                "uuid",
+                "k8s_node_name",
+                "claim_namespace",
+                "claim_name",
+                "claim_uid",
+                "pod_name",
+                "pod_uid",
+            ),
+        )
+        prepared = GaugeMetricFamily("unidra_prepared_claims", "Claims prepared on this node.")
+        try:
+            checkpoint = self.store.read()
+        except CheckpointCorrupt:
+            prepared.add_metric([], float("nan"))
+            yield from (claims, prepared)
+            return
+        completed = [c for c in checkpoint.claims.values() if c.state is PrepareState.COMPLETED]
+        prepared.add_metric([], float(len(completed)))
+        for claim in completed:
+            pods: list[Consumer | None] = [c for c in claim.consumers if c.resource == "pods"] or [
+                None
+            ]
+            for device in claim.devices:
+                item = inventory.allocatable(device.device)
+                uuid = (
+                    item.uuid
+                    if isinstance(item, Device)
+                    else (item.parent.uuid if isinstance(item, Partition) else "")
+                )
+                for pod in pods:
+                    claims.add_metric(
+                        [
+                            device.device,
+                            uuid,
+                            self.node,
+                            claim.namespace,
+                            claim.name,
+                            claim.uid,
+                            pod.name if pod else "",
+                            pod.uid if pod else "",
+                        ],
+                        1.0,
+                    )
+        yield from (claims, prepared)
+
+
+def _gauge(name: str, documentation: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=(*DEVICE_LABELS, *extra))
+
+
+def _add(
+    family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: float | int | None
+) -> None:
+    if value is not None:
+        family.add_metric(labels, float(value))
