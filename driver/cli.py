@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import socket
 import sys
@@ -107,28 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plugin = commands.add_parser("kubelet-plugin", help="run the node daemon that kubelet talks to")
-    plugin.add_argument("--node-name", default=_env("NODE_NAME"), help="this node [env NODE_NAME]")
-    plugin.add_argument(
-        "--driver-name",
-        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
-        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
-    )
-    plugin.add_argument(
-        "--kubeconfig",
-        type=Path,
-        default=_env("KUBECONFIG"),
-        help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
-    )
-    _directory(plugin, "--cdi-root", "/var/run/cdi", "directory for transient CDI specs")
-    _directory(
-        plugin,
-        "--kubelet-registrar-directory-path",
-        "/var/lib/kubelet/plugins_registry",
-        "kubelet's plugin registration directory",
-    )
-    _directory(
-        plugin, "--kubelet-plugins-directory-path", PLUGINS_DIR, "kubelet's plugins directory"
-    )
+    _add_node_flags(plugin)
     plugin.add_argument(
         "--pod-uid",
         default=_env("POD_UID"),
@@ -139,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-address",
         default=_env("UNIDRA_METRICS_ADDRESS", ":9464"),
         help="Prometheus endpoint HOST:PORT, empty to disable [env UNIDRA_METRICS_ADDRESS, default :9464]",
+    )
+    plugin.add_argument(
+        "--healthcheck-port",
+        type=int,
+        default=int(_env("UNIDRA_HEALTHCHECK_PORT") or 51515),
+        help="TCP port of the gRPC health service for the liveness probe, -1 to disable "
+        "[env UNIDRA_HEALTHCHECK_PORT, default 51515]",
     )
     _seconds(
         plugin,
@@ -181,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
         "kubelet's plugins directory, where the daemon's control socket is",
     )
 
+    doctor = commands.add_parser(
+        "doctor", help="check this node's prerequisites and say what is missing"
+    )
+    _add_node_flags(doctor)
+    _add_backend_flags(doctor)
+    doctor.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="after uninstalling: remove this driver's CDI specs, checkpoint and sockets from the node",
+    )
+    _add_node_flags(cleanup)
+    cleanup.add_argument(
+        "--force", action="store_true", help="even while an instance still answers (not advised)"
+    )
+
     show = commands.add_parser("inspect", help="show the accelerators Unidra finds on this machine")
     _add_backend_flags(show)
     show.add_argument(
@@ -201,6 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=None)
 
     return parser
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the daemon meets kubelet, the runtime and the API server."""
+    parser.add_argument("--node-name", default=_env("NODE_NAME"), help="this node [env NODE_NAME]")
+    parser.add_argument(
+        "--driver-name",
+        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=_env("KUBECONFIG"),
+        help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
+    )
+    _directory(parser, "--cdi-root", "/var/run/cdi", "directory for transient CDI specs")
+    _directory(
+        parser,
+        "--kubelet-registrar-directory-path",
+        "/var/lib/kubelet/plugins_registry",
+        "kubelet's plugin registration directory",
+    )
+    _directory(
+        parser, "--kubelet-plugins-directory-path", PLUGINS_DIR, "kubelet's plugins directory"
+    )
 
 
 def _add_log_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +293,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         partitions=args.partitions,
         metrics_address=args.metrics_address,
         metrics_interval_seconds=args.metrics_interval_seconds,
+        healthcheck_port=None if args.healthcheck_port < 0 else args.healthcheck_port,
         taint_effects=dict(_pair(item, "--taint-effect") for item in args.taint_effect),
         health_quiet_seconds=args.health_quiet_seconds,
     ).validate()
@@ -309,14 +340,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from driver import control
+    from driver.kubelet import sockets
 
     if args.action != "health" and not args.device:
         raise ConfigError("--device", "is required")
     if args.action == "inject" and not args.fault:
         raise ConfigError("--fault", "is required: xid-<number>, ecc-dbe, lost or overheat")
-    socket_path = args.kubelet_plugins_directory_path / args.driver_name / "control.sock"
-    answer = control.request(
-        socket_path, {"command": args.action, "device": args.device, "fault": args.fault}
+    answer = control.broadcast(
+        sockets.control_sockets(args.kubelet_plugins_directory_path / args.driver_name),
+        {"command": args.action, "device": args.device, "fault": args.fault},
     )
     if "error" in answer:
         print(f"unidra: {answer['error']}", file=sys.stderr)
@@ -330,18 +362,69 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from driver import doctor, kubeapi
+
+    names, options = _backend_selection(args)
+    target = doctor.Target(
+        host_root=args.host_root,
+        registrar_dir=args.kubelet_registrar_directory_path,
+        plugins_dir=args.kubelet_plugins_directory_path,
+        cdi_root=args.cdi_root,
+        driver_name=args.driver_name,
+        node_name=args.node_name or socket.gethostname(),
+        vendors=names,
+        options=options,
+    )
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    api = (
+        (lambda: kubeapi.SliceApi(kubeapi.build_client(args.kubeconfig)))
+        if args.kubeconfig or in_cluster
+        else None
+    )
+    findings = doctor.run(target, api)
+    if args.output == "json":
+        print(json.dumps([dataclasses.asdict(f) for f in findings], indent=2))
+    else:
+        print(doctor.report(findings))
+    return 1 if doctor.failed(findings) else 0
+
+
+def _kubelet_plugin(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logs.setup(args.log_format, args.verbose)
+    from driver import daemon
+
+    return daemon.run(settings)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from driver import cleanup
+
+    removed = cleanup.clean(
+        driver=args.driver_name,
+        cdi_root=args.cdi_root,
+        plugins_dir=args.kubelet_plugins_directory_path,
+        registrar_dir=args.kubelet_registrar_directory_path,
+        force=args.force,
+    )
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} file(s) of {args.driver_name} removed from this node")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {
+        "kubelet-plugin": _kubelet_plugin,
+        "inspect": _inspect,
+        "simulate": _simulate,
+        "doctor": _doctor,
+        "cleanup": _cleanup,
+    }
     try:
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "simulate":
-            return _simulate(args)
-        settings = _settings(args)
-        logs.setup(args.log_format, args.verbose)
-        from driver import daemon
-
-        return daemon.run(settings)
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"unidra: invalid setting: {err}", file=sys.stderr)
         return 2

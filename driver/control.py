@@ -12,7 +12,7 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +89,23 @@ def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[
         raise UnidraError(f"cannot talk to the daemon at {path}: {err}") from err
     answer: dict[str, Any] = json.loads(data or b"{}")
     return answer
+
+
+def broadcast(paths: Sequence[Path], message: dict[str, Any]) -> dict[str, Any]:
+    """Send a request to every instance on the node (two during a rolling upgrade).
+
+    Returns the first answer, or the first error answer; sockets left by dead instances are skipped.
+    """
+    answers, failures = [], []
+    for path in paths:
+        try:
+            answers.append(request(path, message))
+        except UnidraError as err:
+            failures.append(str(err))
+    if not answers:
+        raise UnidraError(
+            failures[0]
+            if failures
+            else "no daemon control socket: is `unidra kubelet-plugin` running here?"
+        )
+    return next((a for a in answers if "error" in a), answers[0])

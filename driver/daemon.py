@@ -34,6 +34,7 @@ from driver.health import HealthBoard, parse_policy
 from driver.inventory import LiveInventory
 from driver.kubelet import sockets
 from driver.kubelet.health_stream import HEALTH_SERVICES, DeviceHealth, HealthStream
+from driver.kubelet.liveness import LivenessServer, SelfCheckingHealth
 from driver.kubelet.registration import RegistrationServicer, RegistrationState
 from driver.kubelet.server import PluginServers, UnixServer
 from driver.kubelet.service import DRA_SERVICES, add_dra_services
@@ -96,11 +97,14 @@ class Daemon:
     supervisor: Supervisor
     control: ControlServer
     metrics_server: WSGIServer | None
+    liveness: LivenessServer | None
 
     def stop(self) -> None:
         log.info("Stopping", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         self.servers.stop(self.settings.shutdown_grace_seconds)
         self.control.stop()
+        if self.liveness is not None:
+            self.liveness.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -214,9 +218,11 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
     )
     metrics_server = _serve_metrics(settings, registry)
     control = ControlServer(
-        settings.plugin_dir / "control.sock", lambda request: _control(request, live, board)
+        sockets.control_socket(settings.plugin_dir, settings.pod_uid),
+        lambda request: _control(request, live, board),
     )
     control.start()
+    liveness = _serve_liveness(settings, servers)
     return Daemon(
         settings,
         live,
@@ -231,6 +237,7 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         supervisor,
         control,
         metrics_server,
+        liveness,
     )
 
 
@@ -383,6 +390,16 @@ def _count_writes(metrics: DriverMetrics, plan: Plan) -> None:
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
         pass
+
+
+def _serve_liveness(settings: Settings, servers: PluginServers) -> LivenessServer | None:
+    if settings.healthcheck_port is None:
+        return None
+    server = LivenessServer(
+        settings.healthcheck_port, SelfCheckingHealth(servers.registration.path, servers.dra.path)
+    )
+    server.start()
+    return server
 
 
 def _serve_metrics(settings: Settings, registry: CollectorRegistry) -> WSGIServer | None:

@@ -36,6 +36,8 @@ class Settings:
     # Prometheus endpoint, host:port; empty disables it. 9464 is OpenTelemetry's Prometheus port.
     metrics_address: str = ":9464"
     metrics_interval_seconds: float = 10.0
+    # gRPC health service for the liveness probe (0: any free port; None: off). 51515 as in dra-example-driver.
+    healthcheck_port: int | None = 51515
     # kind=Effect overrides of the taint policy (docs/health.md).
     taint_effects: Mapping[str, str] = field(default_factory=dict)
     # Transient faults clear after this long without new faults (doubled for flapping devices).
@@ -76,6 +78,8 @@ class Settings:
                 "--metrics-address", f"{self.metrics_address!r} is not HOST:PORT or :PORT"
             )
         parse_policy(self.taint_effects)
+        if self.healthcheck_port is not None and not 0 <= self.healthcheck_port < 65536:
+            raise ConfigError("--healthcheck-port", f"{self.healthcheck_port} is not a TCP port")
         for flag, seconds in (
             ("--metrics-interval-seconds", self.metrics_interval_seconds),
             ("--health-quiet-seconds", self.health_quiet_seconds),

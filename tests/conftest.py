@@ -68,7 +68,9 @@ class Node:
             "backends": ("simulated",),
             "backend_options": {"simulated": {"profile": profile}},
             "shutdown_grace_seconds": 5.0,
-            "metrics_address": "127.0.0.1:0",  # an ephemeral port: tests may run daemons side by side
+            # Ephemeral ports: tests may run daemons side by side.
+            "metrics_address": "127.0.0.1:0",
+            "healthcheck_port": 0,
         }
         values.update(overrides)
         return Settings(**values).validate()  # type: ignore[arg-type]
@@ -97,6 +99,7 @@ class Node:
             f"--kubelet-plugins-directory-path={self.plugins_dir}",
             f"--simulate={profile}",
             "--metrics-address=127.0.0.1:0",
+            "--healthcheck-port=0",
         ]
 
 

@@ -1,8 +1,8 @@
 """Socket paths kubelet expects, the 108-byte AF_UNIX limit, and stale-socket clean-up.
 
 Registration: `<registrar-dir>/<driver>-reg.sock`; DRA service: `<plugins-dir>/<driver>/dra.sock`.
-With a pod UID (rolling upgrade) each instance gets its own: `<driver>-<uid>-reg.sock` and
-`dra-<uid>.sock`. When a name would not fit, the UID is replaced by a short digest of it.
+With a pod UID (rolling upgrade) each instance gets its own: `<driver>-<uid>-reg.sock`,
+`dra-<uid>.sock` and `control-<uid>.sock`. When a name would not fit, the UID is replaced by a short digest of it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,16 @@ def registration_socket(registrar_dir: Path, driver: str, pod_uid: str | None) -
 
 
 def dra_socket(plugin_dir: Path, pod_uid: str | None) -> Path:
-    if not pod_uid:
-        return _fitting(plugin_dir / "dra.sock")
-    full = plugin_dir / f"dra-{pod_uid}.sock"
-    return full if _fits(full) else _fitting(plugin_dir / f"dra-{_short(pod_uid)}.sock")
+    return _instance_socket(plugin_dir, "dra", pod_uid)
+
+
+def control_socket(plugin_dir: Path, pod_uid: str | None) -> Path:
+    """`unidra simulate` talks to every instance on the node through these."""
+    return _instance_socket(plugin_dir, "control", pod_uid)
+
+
+def control_sockets(plugin_dir: Path) -> list[Path]:
+    return sorted(plugin_dir.glob("control*.sock"))
 
 
 def clear_stale(path: Path) -> bool:
@@ -47,6 +53,13 @@ def clear_stale(path: Path) -> bool:
         )
     os.unlink(path)
     return True
+
+
+def _instance_socket(plugin_dir: Path, stem: str, pod_uid: str | None) -> Path:
+    if not pod_uid:
+        return _fitting(plugin_dir / f"{stem}.sock")
+    full = plugin_dir / f"{stem}-{pod_uid}.sock"
+    return full if _fits(full) else _fitting(plugin_dir / f"{stem}-{_short(pod_uid)}.sock")
 
 
 def _short(pod_uid: str) -> str:

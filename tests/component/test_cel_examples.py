@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = "unidra.dev"
 CLASSES = {
     c["metadata"]["name"]: c
-    for c in yaml.safe_load_all((REPO / "manifests/deviceclasses.yaml").read_text())
+    for c in yaml.safe_load_all((REPO / "manifests/base/deviceclasses.yaml").read_text())
 }
 
 

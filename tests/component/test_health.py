@@ -7,25 +7,20 @@ that crashes being restarted and counted.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from driver import daemon
-from support import kubelet
+from support import commands, kubelet
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 GPU = "gpu-0000-1b-00-0"
 
 
@@ -38,26 +33,6 @@ def health_daemon(node) -> Iterator[tuple[daemon.Daemon, kubelet.Plugin]]:  # ty
         metrics_interval_seconds=0.1,
     ) as serving:
         yield serving
-
-
-def simulate(node, *args: str) -> str:  # type: ignore[no-untyped-def]
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "driver",
-            "simulate",
-            *args,
-            f"--kubelet-plugins-directory-path={node.plugins_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert run.returncode == 0, run.stderr
-    return run.stdout
 
 
 def taints(api: FakeApiServer) -> dict[str, list[dict]]:
@@ -145,7 +120,9 @@ def test_a_fatal_fault_and_its_recovery_reach_slices_stream_claim_status_and_met
     )
 
     injected = time.monotonic()
-    assert "lost 79 (unhealthy)" in simulate(node, "inject", f"--device={GPU}", "--fault=xid-79")
+    assert "lost 79 (unhealthy)" in commands.simulate(
+        node.plugins_dir, "inject", f"--device={GPU}", "--fault=xid-79"
+    )
     wait_until(lambda: GPU in taints(api), what="the taint")
     latency = time.monotonic() - injected
     assert latency < 5.0  # measured in BENCHMARKS.md; generous here for slow CI machines
@@ -183,7 +160,7 @@ def test_a_fatal_fault_and_its_recovery_reach_slices_stream_claim_status_and_met
     )
     assert metric(scrape(instance), "unidra_health_events_total", kind="lost") == 1.0
 
-    assert "recovered" in simulate(node, "recover", f"--device={GPU}")
+    assert "recovered" in commands.simulate(node.plugins_dir, "recover", f"--device={GPU}")
     wait_until(lambda: GPU not in taints(api), what="the taint to go")
     assert taints(api) == {}
     wait_until(lambda: stream.health(GPU) == "HEALTHY", what="the stream to report HEALTHY again")
@@ -215,44 +192,14 @@ def test_the_stream_sends_the_full_list_and_resends_it(health_daemon, service: s
 
 
 def test_simulate_health_lists_the_devices(health_daemon, node) -> None:  # type: ignore[no-untyped-def]
-    lines = simulate(node, "health").splitlines()
+    lines = commands.simulate(node.plugins_dir, "health").splitlines()
     assert len(lines) == 208 and lines[0].split()[:2] == [GPU, "Healthy"]
 
 
 def test_inject_refuses_unknown_devices_and_faults(health_daemon, node) -> None:  # type: ignore[no-untyped-def]
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "driver",
-            "simulate",
-            "inject",
-            "--device=gpu-9",
-            "--fault=xid-79",
-            f"--kubelet-plugins-directory-path={node.plugins_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    bad = commands.run_simulate(node.plugins_dir, "inject", "--device=gpu-9", "--fault=xid-79")
     assert bad.returncode == 1 and "no device 'gpu-9' on this node" in bad.stderr
-    worse = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "driver",
-            "simulate",
-            "inject",
-            f"--device={GPU}",
-            "--fault=meltdown",
-            f"--kubelet-plugins-directory-path={node.plugins_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    worse = commands.run_simulate(node.plugins_dir, "inject", f"--device={GPU}", "--fault=meltdown")
     assert (
         worse.returncode == 1
         and "'meltdown' is not one of xid-<number>, ecc-dbe, lost, overheat" in worse.stderr

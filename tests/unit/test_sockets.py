@@ -26,6 +26,10 @@ def test_pod_uid_names() -> None:
         f"/r/unidra.dev-{UID}-reg.sock"
     )
     assert sockets.dra_socket(Path("/p/unidra.dev"), UID) == Path(f"/p/unidra.dev/dra-{UID}.sock")
+    assert sockets.control_socket(Path("/p/unidra.dev"), UID) == Path(
+        f"/p/unidra.dev/control-{UID}.sock"
+    )
+    assert sockets.control_socket(Path("/p/unidra.dev"), None) == Path("/p/unidra.dev/control.sock")
 
 
 def test_long_paths_fall_back_to_a_digest_of_the_pod_uid() -> None:

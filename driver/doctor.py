@@ -1,0 +1,319 @@
+"""`unidra doctor`: check a node's prerequisites and say exactly what is missing and how to fix it.
+
+Each check returns findings; nothing here changes the node. The checks read the host under
+`host_root`, the kubelet and CDI directories as the daemon would use them, the container
+runtime's configuration, the vendor stacks (by constructing each backend the PCI bus calls for),
+a running daemon's control sockets, and the API server when credentials are available.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from driver import backends, control, inventory, kubeapi
+from driver.backends import BackendContext
+from driver.errors import FatalError, UnidraError
+from driver.kubelet import sockets
+
+
+class Status(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: Status
+    check: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """The node as the daemon would see it with the same flags."""
+
+    host_root: Path
+    registrar_dir: Path
+    plugins_dir: Path
+    cdi_root: Path
+    driver_name: str
+    node_name: str
+    vendors: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, str]] | None = None
+    kubeconfig: Path | None = None
+
+    @property
+    def plugin_dir(self) -> Path:
+        return self.plugins_dir / self.driver_name
+
+
+def run(target: Target, api: Callable[[], kubeapi.SliceApi] | None = None) -> list[Finding]:
+    """Every check, in the order an operator would fix them."""
+    return [
+        *directories(target),
+        *socket_paths(target),
+        *runtime_cdi(target.host_root, target.cdi_root),
+        *vendor_stacks(target),
+        *running_daemon(target),
+        *api_server(api),
+    ]
+
+
+def failed(findings: Iterable[Finding]) -> bool:
+    return any(f.status is Status.FAIL for f in findings)
+
+
+# -- directories ---------------------------------------------------------------------------------
+
+
+def directories(target: Target) -> list[Finding]:
+    return [
+        _directory(
+            "kubelet registration directory",
+            target.registrar_dir,
+            "kubelet's plugin watcher looks there; mount the host's directory at the same path",
+        ),
+        _directory(
+            "kubelet plugins directory",
+            target.plugins_dir,
+            "the DRA socket and the checkpoint live there; mount the host's directory at the same path",
+        ),
+        _directory(
+            "CDI directory",
+            target.cdi_root,
+            "the container runtime reads CDI specs from it; mount the host's /var/run/cdi",
+            creatable=True,
+        ),
+    ]
+
+
+def _directory(check: str, path: Path, why: str, creatable: bool = False) -> Finding:
+    if path.is_dir():
+        if os.access(path, os.W_OK | os.X_OK):
+            return Finding(Status.OK, check, f"{path} is writable")
+        return Finding(Status.FAIL, check, f"{path} is not writable by uid {os.geteuid()}: {why}")
+    if path.exists():
+        return Finding(Status.FAIL, check, f"{path} exists but is not a directory")
+    parent = next((p for p in path.parents if p.exists()), Path("/"))
+    if creatable and os.access(parent, os.W_OK | os.X_OK):
+        return Finding(Status.OK, check, f"{path} does not exist yet; it will be created")
+    return Finding(Status.FAIL, check, f"{path} does not exist: {why}")
+
+
+def socket_paths(target: Target) -> list[Finding]:
+    """The longest socket paths (with a pod UID) must fit the 108-byte AF_UNIX limit."""
+    uid = "00000000-0000-0000-0000-000000000000"
+    try:
+        longest = [
+            sockets.registration_socket(target.registrar_dir, target.driver_name, uid),
+            sockets.dra_socket(target.plugin_dir, uid),
+        ]
+    except FatalError as err:
+        return [Finding(Status.FAIL, "socket paths", str(err))]
+    size = max(len(os.fsencode(p)) for p in longest)
+    return [
+        Finding(Status.OK, "socket paths", f"at most {size} of {sockets.MAX_SOCKET_PATH} bytes")
+    ]
+
+
+# -- container runtime ---------------------------------------------------------------------------
+
+
+def runtime_cdi(host_root: Path, cdi_root: Path) -> list[Finding]:
+    """Whether containerd or CRI-O will resolve CDI device IDs, from their configuration files."""
+    findings = []
+    containerd = host_root / "etc/containerd/config.toml"
+    if containerd.is_file():
+        findings.append(_containerd(_toml(containerd), containerd, cdi_root))
+    crio = [
+        host_root / "etc/crio/crio.conf",
+        *sorted((host_root / "etc/crio/crio.conf.d").glob("*.conf")),
+    ]
+    crio = [p for p in crio if p.is_file()]
+    if crio:
+        findings.append(_crio(crio, cdi_root))
+    if not findings:
+        hint = (
+            ""
+            if host_root == Path("/")
+            else f" (mount the host's /etc/containerd or /etc/crio under {host_root / 'etc'} to check)"
+        )
+        findings.append(
+            Finding(
+                Status.SKIP,
+                "container runtime CDI",
+                f"no containerd or CRI-O configuration in {host_root / 'etc'}; "
+                f"cannot tell whether CDI is enabled{hint}",
+            )
+        )
+    return findings
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return {"_error": str(err)}
+
+
+def _containerd(config: Mapping[str, Any], path: Path, cdi_root: Path) -> Finding:
+    check = "containerd CDI"
+    if "_error" in config:
+        return Finding(Status.WARN, check, f"cannot read {path}: {config['_error']}")
+    plugins = config.get("plugins", {})
+    version = int(config.get("version", 1))
+    # Config version 3 is containerd 2.x, where CDI is on unless turned off; version 2 may be
+    # 1.7 (off by default) or 2.x (on by default).
+    section = "io.containerd.cri.v1.runtime" if version >= 3 else "io.containerd.grpc.v1.cri"
+    cri = plugins.get(section, {})
+    dirs = cri.get("cdi_spec_dirs", ["/etc/cdi", "/var/run/cdi"])
+    if cri.get("enable_cdi", True) is False:
+        return Finding(
+            Status.FAIL,
+            check,
+            f'{path}: CDI is off; set enable_cdi = true under [plugins."{section}"] '
+            "and restart containerd",
+        )
+    if str(cdi_root) not in dirs:
+        return Finding(
+            Status.FAIL,
+            check,
+            f"{path}: cdi_spec_dirs {dirs} does not include {cdi_root}, where Unidra writes its specs",
+        )
+    if version < 3 and "enable_cdi" not in cri:
+        return Finding(
+            Status.WARN,
+            check,
+            f"{path} (config version {version}) does not set enable_cdi: CDI is on by default "
+            'in containerd 2.x but off in 1.7; set enable_cdi = true under [plugins."io.containerd.grpc.v1.cri"]',
+        )
+    return Finding(Status.OK, check, f"enabled in {path}, specs read from {', '.join(dirs)}")
+
+
+def _crio(paths: Sequence[Path], cdi_root: Path) -> Finding:
+    check = "CRI-O CDI"
+    dirs: list[str] = ["/etc/cdi", "/var/run/cdi"]
+    for path in paths:  # drop-ins override the main file, in name order
+        config = _toml(path)
+        if "_error" in config:
+            return Finding(Status.WARN, check, f"cannot read {path}: {config['_error']}")
+        dirs = config.get("crio", {}).get("runtime", {}).get("cdi_spec_dirs", dirs)
+    if str(cdi_root) not in dirs:
+        return Finding(
+            Status.FAIL,
+            check,
+            f"cdi_spec_dirs {dirs} does not include {cdi_root}; add it under [crio.runtime]",
+        )
+    return Finding(
+        Status.OK, check, f"CRI-O resolves CDI (always on since 1.23) from {', '.join(dirs)}"
+    )
+
+
+# -- vendor stacks -------------------------------------------------------------------------------
+
+
+def vendor_stacks(target: Target) -> list[Finding]:
+    """Construct every backend the PCI bus (or --vendors) calls for and discover its devices."""
+    names: Sequence[str] = target.vendors
+    findings = []
+    if not names:
+        picked, not_picked = backends.detect(target.host_root)
+        names = picked
+        findings += [
+            Finding(Status.SKIP, f"backend {name}", reason)
+            for name, reason in sorted(not_picked.items())
+        ]
+    options = target.options or {}
+    built, failures = backends.create_all(
+        names,
+        lambda name: BackendContext(
+            host_root=target.host_root, node_name=target.node_name, options=options.get(name, {})
+        ),
+    )
+    found = inventory.discover(built)
+    failures.update(found.failures)
+    for backend in built:
+        if backend.name in failures:
+            continue
+        count = sum(1 for d in found.devices if found.backend_of(d) is backend)
+        source = getattr(backend, "source", "")
+        via = f" via {source}" if source else ""
+        status = Status.OK if count else Status.WARN
+        detail = f"{count} devices{via}" if count else f"no devices found{via}"
+        findings.append(Finding(status, f"backend {backend.name}", detail))
+    findings += [
+        Finding(Status.FAIL, f"backend {name}", reason) for name, reason in sorted(failures.items())
+    ]
+    if not names:
+        findings.append(
+            Finding(Status.WARN, "accelerators", "no supported accelerator on this node's PCI bus")
+        )
+    return findings
+
+
+# -- the daemon and the API server ---------------------------------------------------------------
+
+
+def running_daemon(target: Target) -> list[Finding]:
+    answering = 0
+    for path in sockets.control_sockets(target.plugin_dir):
+        try:
+            control.request(path, {"command": "health"}, timeout=5)
+            answering += 1
+        except UnidraError:
+            continue
+    if answering:
+        return [
+            Finding(
+                Status.OK, "daemon", f"{answering} instance(s) answering in {target.plugin_dir}"
+            )
+        ]
+    return [
+        Finding(
+            Status.WARN,
+            "daemon",
+            f"no running instance answers in {target.plugin_dir} (fine before installing)",
+        )
+    ]
+
+
+def api_server(api: Callable[[], kubeapi.SliceApi] | None) -> list[Finding]:
+    check = "API server"
+    if api is None:
+        return [
+            Finding(
+                Status.SKIP,
+                check,
+                "no credentials: pass --kubeconfig, or run inside the cluster",
+            )
+        ]
+    try:
+        version, served = api().server_version()
+    except UnidraError as err:
+        return [Finding(Status.FAIL, check, f"unreachable: {err}")]
+    if "v1" not in served:
+        return [
+            Finding(
+                Status.FAIL,
+                check,
+                f"{version} does not serve resource.k8s.io/v1 (serves {served or 'none'}); "
+                "Unidra needs Kubernetes 1.34 or newer",
+            )
+        ]
+    return [Finding(Status.OK, check, f"{version}, resource.k8s.io/v1 served")]
+
+
+def report(findings: Sequence[Finding]) -> str:
+    width = max(len(f.check) for f in findings)
+    lines = [f"{f.status.value:<4}  {f.check:<{width}}  {f.detail}" for f in findings]
+    problems = sum(1 for f in findings if f.status is Status.FAIL)
+    lines.append(f"{problems} problem(s) to fix" if problems else "no problems found")
+    return "\n".join(lines)

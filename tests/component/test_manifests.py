@@ -1,0 +1,252 @@
+"""manifests/: every install variant renders, validates against the Kubernetes 1.34 schemas, and
+matches what the code does: RBAC grants exactly the API calls the daemon makes, the DaemonSet
+sets only real settings and the ports the daemon listens on, and node selection covers every
+backend's PCI match."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import kubernetes_validate
+import pytest
+
+from driver import backends, cli
+from driver.settings import Settings
+from support import kustomize
+from support.apiserver import FakeApiServer
+from support.claims import allocated_claim, result
+from support.waiting import wait_until
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir())
+KUBERNETES = "1.34.0"
+# Custom resources of other projects, which the Kubernetes schemas do not cover.
+CUSTOM = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("nfd.k8s-sigs.io/v1alpha1", "NodeFeatureRule"),
+}
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An overlay with the base and every component, as an operator would write one."""
+    directory = tmp_path_factory.mktemp("overlay")
+    relative = os.path.relpath(MANIFESTS, directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {relative}/base\ncomponents:\n"
+        + "".join(f"  - {relative}/components/{name}\n" for name in COMPONENTS)
+    )
+    return directory
+
+
+def variants(everything: Path) -> list[Path]:
+    return [MANIFESTS, *sorted((MANIFESTS / "overlays").iterdir()), everything]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def daemonset(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return by_kind(objects)[("DaemonSet", "unidra-kubelet-plugin")]
+
+
+def test_every_variant_validates_against_the_kubernetes_schemas(everything: Path) -> None:
+    for directory in [*variants(everything), MANIFESTS / "cleanup"]:
+        objects = kustomize.render(directory)
+        assert objects, directory
+        for item in objects:
+            if (item["apiVersion"], item["kind"]) in CUSTOM:
+                assert item["metadata"]["name"] and item["spec"]
+                continue
+            kubernetes_validate.validate(item, KUBERNETES, strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_python_renderer_agrees_with_kubectl(everything: Path) -> None:
+    def key(item: dict[str, Any]) -> tuple[str, str]:
+        return item["kind"], item["metadata"]["name"]
+
+    for directory in [*variants(everything), MANIFESTS / "cleanup"]:
+        ours = sorted(kustomize.build(directory), key=key)
+        theirs = sorted(kustomize.kubectl_build(directory), key=key)
+        assert ours == theirs, directory
+
+
+def test_the_base_installs_everything_the_driver_needs() -> None:
+    objects = by_kind(kustomize.render(MANIFESTS))
+    for wanted in [
+        ("Namespace", "unidra"),
+        ("ServiceAccount", "unidra"),
+        ("ClusterRole", "unidra-kubelet-plugin"),
+        ("ClusterRoleBinding", "unidra-kubelet-plugin"),
+        ("ValidatingAdmissionPolicy", "unidra-resourceslices"),
+        ("ValidatingAdmissionPolicyBinding", "unidra-resourceslices"),
+        ("ValidatingAdmissionPolicy", "unidra-opaque-config"),
+        ("ValidatingAdmissionPolicyBinding", "unidra-opaque-config"),
+        ("DeviceClass", "gpu.unidra.dev"),
+        ("DaemonSet", "unidra-kubelet-plugin"),
+        ("Service", "unidra-metrics"),
+    ]:
+        assert wanted in objects, wanted
+
+
+def test_the_daemonset_upgrades_without_a_gap_and_listens_where_the_daemon_does() -> None:
+    ds = daemonset(kustomize.render(MANIFESTS))
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    defaults = Settings(node_name="n")
+    assert container["livenessProbe"]["grpc"]["port"] == ports["healthcheck"]
+    assert container["readinessProbe"]["grpc"]["port"] == ports["healthcheck"]
+    assert ports["healthcheck"] == defaults.healthcheck_port
+    assert f":{ports['metrics']}" == defaults.metrics_address
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/host/sys"]["readOnly"] and mounts["/host/dev"]["readOnly"]
+    assert str(defaults.registrar_dir) in mounts
+    assert str(defaults.plugins_dir / defaults.driver_name) in mounts
+    assert str(defaults.cdi_root) in mounts
+    assert "resources" in container and container["resources"]["limits"]["memory"]
+    # terminationGracePeriod leaves room for the daemon's own grace for in-flight calls.
+    assert pod["terminationGracePeriodSeconds"] > defaults.shutdown_grace_seconds
+    security = container["securityContext"]
+    assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
+    assert security["readOnlyRootFilesystem"] is True
+
+
+def test_the_daemonset_sets_only_settings_the_daemon_reads(everything: Path) -> None:
+    known = set(re.findall(r"\[env\s+([A-Z_]+)", _help("kubelet-plugin")))
+    known |= {"LD_LIBRARY_PATH"}  # read by the dynamic loader, for NVML
+    for directory in variants(everything):
+        (container,) = daemonset(kustomize.render(directory))["spec"]["template"]["spec"][
+            "containers"
+        ]
+        assert {e["name"] for e in container["env"]} <= known, directory
+
+
+def test_privileged_variants_are_consistent(everything: Path) -> None:
+    for directory in variants(everything):
+        (container,) = daemonset(kustomize.render(directory))["spec"]["template"]["spec"][
+            "containers"
+        ]
+        security = container["securityContext"]
+        # The API server refuses privileged with allowPrivilegeEscalation false.
+        assert not (security["privileged"] and security["allowPrivilegeEscalation"] is False)
+
+
+def test_node_selection_covers_every_backends_pci_match() -> None:
+    rule = yaml_objects(MANIFESTS / "components/node-selection/nodefeaturerule.yaml")[0]
+    (term,) = rule["spec"]["rules"]
+    published = set()
+    for entry in term["matchAny"]:
+        (feature,) = entry["matchFeatures"]
+        expressions = feature["matchExpressions"]
+        classes = tuple(expressions["class"]["value"]) if "class" in expressions else ()
+        for vendor in expressions["vendor"]["value"]:
+            published.add((vendor, classes))
+    wanted = set()
+    for name in backends.available_names():
+        for match in getattr(backends.load_factory(name), "pci_matches", ()):
+            wanted.add((f"{match.vendor:04x}", tuple(f"{c:04x}" for c in match.classes)))
+    assert published == wanted
+    ds = daemonset(kustomize.render(MANIFESTS / "overlays/nvidia"))
+    assert ds["spec"]["template"]["spec"]["nodeSelector"] == term["labels"]
+
+
+def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    role = by_kind(kustomize.render(MANIFESTS))[("ClusterRole", "unidra-kubelet-plugin")]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    # Leftover slices of this node (an older instance's): one is reused, the other deleted.
+    for stale in ("stale-1", "stale-2"):
+        api.create(
+            "resource.k8s.io",
+            "resourceslices",
+            {
+                "metadata": {"name": f"node-a-unidra.dev-{stale}"},
+                "spec": {
+                    "driver": "unidra.dev",
+                    "nodeName": "node-a",
+                    "pool": {"name": "node-a", "generation": 0, "resourceSliceCount": 2},
+                    "devices": [],
+                },
+            },
+        )
+    with node.serve(health_min_hold_seconds=0.0) as (instance, plugin):
+        wait_until(
+            lambda: len(api.list("resource.k8s.io", "resourceslices")) == 1,
+            what="the leftover slice to go",
+        )
+        claim = allocated_claim(api, "rbac", [result("gpu-0000-1b-00-0", "node-a")])
+        assert plugin.prepare([claim])[claim[2]].error == ""
+        wait_until(lambda: instance.status.writes >= 1, what="the claim status")
+        instance.board.report(_fault("gpu-0000-43-00-0"))  # a taint: an in-place slice update
+        wait_until(lambda: _tainted(api), what="the taint")
+        assert plugin.unprepare([claim])[claim[2]].error == ""
+        time.sleep(0.2)
+    used = {_verb(r.method, r.path, r.query) for r in api.requests}
+    used.discard(None)
+    assert used == granted
+
+
+def _fault(device: str):  # type: ignore[no-untyped-def]
+    from driver.model import HealthEvent
+
+    return HealthEvent(device, "lost", message="test")
+
+
+def _tainted(api: FakeApiServer) -> bool:
+    return any(
+        d.get("taints")
+        for s in api.list("resource.k8s.io", "resourceslices")
+        for d in s["spec"].get("devices") or []
+    )
+
+
+def _verb(method: str, path: str, query: str) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], RBAC verb) of a request; None for non-resource URLs."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis" and len(parts) >= 4:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None  # /version, discovery
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    resource, name, sub = [*rest, None, None][:3]
+    if sub:
+        resource = f"{resource}/{sub}"
+    if method == "GET":
+        verb = "get" if name else ("watch" if parse_qs(query).get("watch") else "list")
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+    return group, resource, verb
+
+
+def _help(command: str) -> str:
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    return subparsers.choices[command].format_help()  # type: ignore[attr-defined]
+
+
+def yaml_objects(path: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    return [o for o in yaml.safe_load_all(path.read_text()) if o]
