@@ -1,14 +1,13 @@
 """The on-disk record of prepared claims: versioned JSON with a checksum, written crash-safely.
 
-Each claim moves PrepareStarted -> PrepareCompleted. A PrepareStarted entry found at start-up
-means the process died mid-prepare; kubelet never got an answer and will retry, so recovery
-rolls it back. The file is shared by old and new instances during a rolling upgrade.
+A claim is recorded only once its CDI spec is durably on disk, so every entry is a prepared
+claim whose answer kubelet may already hold. The file is shared by old and new instances during
+a rolling upgrade.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import json
 import os
@@ -28,11 +27,6 @@ KIND = "Checkpoint"
 
 class CheckpointCorrupt(UnidraError):
     """The checkpoint file cannot be trusted; the message says why."""
-
-
-class PrepareState(enum.StrEnum):
-    STARTED = "PrepareStarted"
-    COMPLETED = "PrepareCompleted"
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,6 @@ class PreparedClaim:
     uid: str
     namespace: str
     name: str
-    state: PrepareState
     devices: tuple[PreparedDevice, ...]
     consumers: tuple[Consumer, ...] = ()
 
@@ -131,6 +124,9 @@ class CheckpointStore:
 
     def write(self, checkpoint: Checkpoint) -> None:
         durable.write_bytes(self.path, encode(checkpoint), mode=0o600)
+        stat = os.stat(self.path)
+        written = Checkpoint(boot_id=checkpoint.boot_id, claims=dict(checkpoint.claims))
+        self._cache = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), written)
 
     @contextlib.contextmanager
     def update(self) -> Iterator[Checkpoint]:
@@ -153,7 +149,6 @@ def _claim_json(claim: PreparedClaim) -> dict[str, Any]:
         "uid": claim.uid,
         "namespace": claim.namespace,
         "name": claim.name,
-        "state": claim.state.value,
         "devices": [
             {
                 "request": d.request,
@@ -177,7 +172,6 @@ def _claim_from_json(item: Mapping[str, Any]) -> PreparedClaim:
         uid=str(item["uid"]),
         namespace=str(item["namespace"]),
         name=str(item["name"]),
-        state=PrepareState(item["state"]),
         devices=tuple(
             PreparedDevice(
                 request=str(d["request"]),

@@ -1,8 +1,8 @@
 """Claim device status (KEP-4817): our devices in a claim's `status.devices`, kept current with their health.
 
-Writes happen in a background thread from a queue, so a slow or failing API server never
-delays or fails a prepare. Entries of other drivers are kept; ours are replaced; a conflict
-re-reads the claim and tries again.
+Writes happen in a background thread from a queue, once a burst of prepares has settled, so a
+slow or failing API server never delays or fails a prepare. Entries of other drivers are kept;
+ours are replaced; a conflict re-reads the claim and tries again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from driver.checkpoint import CheckpointStore, PreparedClaim, PrepareState
+from driver.checkpoint import CheckpointStore, PreparedClaim
 from driver.claims import ClaimRef
 from driver.errors import ClaimError, UnidraError
 from driver.health import HealthBoard
@@ -26,6 +26,7 @@ from driver.supervisor import Backoff
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
+SETTLE_SECONDS = 0.05
 
 
 class ClaimStatusWriter:
@@ -65,7 +66,7 @@ class ClaimStatusWriter:
         """Re-write the claims whose devices changed health."""
         checkpoint = self.store.read()
         for claim in checkpoint.claims.values():
-            if claim.state is not PrepareState.COMPLETED or not claim.namespace:
+            if not claim.namespace:
                 continue
             now = {d.device: self.board.status(self._health_name(d.device)) for d in claim.devices}
             if any(
@@ -76,25 +77,43 @@ class ClaimStatusWriter:
     def loop(self, stop: threading.Event) -> None:
         backoff = Backoff(initial=0.5, cap=30.0)
         while not stop.is_set():
-            try:
-                ref, attempt = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                self._write(ref)
-                backoff.reset()
-            except ClaimError as err:
-                log.info("Claim status not written", extra={"claim": str(ref), "reason": str(err)})
-            except UnidraError as err:
-                self.failures += 1
-                if attempt + 1 < MAX_ATTEMPTS:
-                    stop.wait(backoff.next())
-                    self._queue.put((ref, attempt + 1))
-                else:
-                    log.warning(
-                        "Giving up on a claim status update",
-                        extra={"claim": str(ref), "error": str(err)},
+            for ref, attempt in self._batch(stop).values():
+                try:
+                    self._write(ref)
+                    backoff.reset()
+                except ClaimError as err:
+                    log.info(
+                        "Claim status not written", extra={"claim": str(ref), "reason": str(err)}
                     )
+                except UnidraError as err:
+                    self.failures += 1
+                    if attempt + 1 < MAX_ATTEMPTS:
+                        stop.wait(backoff.next())
+                        self._queue.put((ref, attempt + 1))
+                    else:
+                        log.warning(
+                            "Giving up on a claim status update",
+                            extra={"claim": str(ref), "error": str(err)},
+                        )
+
+    def _batch(self, stop: threading.Event) -> dict[str, tuple[ClaimRef, int]]:
+        """The claims to write, one entry each, once requests have settled for SETTLE_SECONDS.
+
+        Writing waits out a burst of prepares rather than competing with them for the
+        interpreter, and a claim asked for twice in the burst is written once.
+        """
+        batch: dict[str, tuple[ClaimRef, int]] = {}
+        timeout = 0.2
+        while not stop.is_set():
+            try:
+                ref, attempt = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                if batch:
+                    return batch
+                continue
+            batch[ref.uid] = (ref, max(attempt, batch.get(ref.uid, (ref, 0))[1]))
+            timeout = SETTLE_SECONDS
+        return batch
 
     def _write(self, ref: ClaimRef) -> None:
         for _ in range(3):
@@ -102,11 +121,7 @@ class ClaimStatusWriter:
             if claim.get("metadata", {}).get("uid") != ref.uid:
                 return  # replaced or gone: nothing of ours to show
             prepared = self.store.read().claims.get(ref.uid)
-            ours = (
-                self._entries(prepared, claim)
-                if prepared and prepared.state is PrepareState.COMPLETED
-                else []
-            )
+            ours = self._entries(prepared, claim) if prepared else []
             status = claim.setdefault("status", {})
             others = [
                 d

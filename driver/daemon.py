@@ -41,7 +41,7 @@ from driver.kubelet.service import DRA_SERVICES, add_dra_services
 from driver.locks import FileLocks
 from driver.metrics import DeviceCollector, DriverMetrics, SampleCache, sampling_loop
 from driver.model import HealthEvent, Partition
-from driver.prepare import ClaimSource, Preparer
+from driver.prepare import ClaimSource, Preparer, Timings
 from driver.publisher import Plan, Publisher
 from driver.settings import Settings, metrics_endpoint
 from driver.supervisor import Supervisor
@@ -60,9 +60,13 @@ class ClaimOperations:
         self.status = status
 
     def prepare(self, ref: ClaimRef) -> tuple[PreparedDevice, ...]:
-        devices: tuple[PreparedDevice, ...] = self._timed(
-            "prepare", ref, lambda: self.preparer.prepare(ref)
-        )
+        timings = Timings()
+        try:
+            devices: tuple[PreparedDevice, ...] = self._timed(
+                "prepare", ref, lambda: self.preparer.prepare(ref, timings)
+            )
+        finally:
+            self.metrics.observe_phases(timings)
         return devices
 
     def unprepare(self, ref: ClaimRef) -> None:

@@ -1,7 +1,9 @@
-"""The Kubernetes API edge: build a client, and read ResourceClaims as raw JSON.
+"""The Kubernetes API edge: the `kubernetes` client's ApiClient, speaking raw JSON.
 
-Objects are read with `_preload_content=False` and handled as JSON, so fields newer than the
-installed client's models are never silently dropped.
+Requests go through the client's ApiClient (kubeconfig and in-cluster auth, TLS, connection
+pool, ApiException) but not through its generated API classes: objects stay JSON, so fields
+newer than the installed client's models are never dropped, and the classes' per-call pydantic
+validators, which cost about 25 MiB of memory to load (CoreV1Api alone 21 MiB), are never built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import urllib3
 from kubernetes import client, config
@@ -54,36 +57,81 @@ class Conflict(RetryableError):
     """An optimistic-concurrency write lost a race; re-read and try again."""
 
 
+RESOURCE = "/apis/resource.k8s.io/v1"
+SLICES = f"{RESOURCE}/resourceslices"
+
+
+class Rest:
+    """JSON requests through an ApiClient; failures become per-claim or retryable errors."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+
+    def json(
+        self,
+        action: str,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            response = self.open(method, path, query, body, REQUEST_TIMEOUT)
+            try:
+                answer: dict[str, Any] = json.loads(response.data)
+            finally:
+                response.release_conn()
+            return answer
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(f"{action}: {_reason(err)}") from err
+            raise classify(err, action) from err
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
+            raise RetryableError(
+                f"{action}: API server unreachable or answered garbage ({err})"
+            ) from err
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Mapping[str, Any] | None,
+        timeout: tuple[float, float],
+    ) -> Any:
+        """The unread urllib3 response of a 2xx answer; ApiException otherwise."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        serialized = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response: Any = self.api_client.call_api(*serialized, _request_timeout=timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+
 class ClaimReader:
     """Fetches ResourceClaims (resource.k8s.io/v1) and classifies failures per claim."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
-        self.api = client.ResourceV1Api(api_client)
+        self.rest = Rest(api_client)
 
     def __call__(self, ref: ClaimRef) -> Mapping[str, Any]:
-        return call_json(
-            f"reading claim {ref}", self.api.read_namespaced_resource_claim, ref.name, ref.namespace
-        )
+        return self.rest.json(f"reading claim {ref}", "GET", _claim_path(ref.namespace, ref.name))
 
 
-def call_json(action: str, method: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Call a client method for its raw JSON body; failures become per-claim or retryable errors."""
-    try:
-        # With _preload_content=False the client returns the raw urllib3 response.
-        response = method(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
-        try:
-            body: dict[str, Any] = json.loads(response.data)
-        finally:
-            response.release_conn()
-        return body
-    except ApiException as err:
-        if err.status == 409:
-            raise Conflict(f"{action}: {_reason(err)}") from err
-        raise classify(err, action) from err
-    except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
-        raise RetryableError(
-            f"{action}: API server unreachable or answered garbage ({err})"
-        ) from err
+def _claim_path(namespace: str, name: str) -> str:
+    return (
+        f"{RESOURCE}/namespaces/{quote(namespace, safe='')}/resourceclaims/{quote(name, safe='')}"
+    )
 
 
 def classify(err: ApiException, action: str) -> Exception:
@@ -110,50 +158,47 @@ class SliceApi:
     """ResourceSlice (resource.k8s.io/v1) reads and writes as raw JSON, plus the Node and version look-ups."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
-        self.api_client = api_client
-        self.resource = client.ResourceV1Api(api_client)
-        self.core = client.CoreV1Api(api_client)
+        self.rest = Rest(api_client)
 
     def server_version(self) -> tuple[str, list[str]]:
         """The server's gitVersion and the resource.k8s.io versions it serves."""
-        version = call_json(
-            "reading the server version", client.VersionApi(self.api_client).get_code
-        )
-        group = call_json(
-            "discovering resource.k8s.io", client.ResourceApi(self.api_client).get_api_group
-        )
+        version = self.rest.json("reading the server version", "GET", "/version")
+        group = self.rest.json("discovering resource.k8s.io", "GET", "/apis/resource.k8s.io")
         served = [str(v.get("version")) for v in group.get("versions", [])]
         return str(version.get("gitVersion", "unknown")), served
 
     def node_uid(self, node: str) -> str:
-        body = call_json(f"reading node {node}", self.core.read_node, node)
+        body = self.rest.json(
+            f"reading node {node}", "GET", f"/api/v1/nodes/{quote(node, safe='')}"
+        )
         return str(body["metadata"]["uid"])
 
     def list(self, driver: str, node: str) -> tuple[list[dict[str, Any]], str]:
-        body = call_json(
+        body = self.rest.json(
             "listing ResourceSlices",
-            self.resource.list_resource_slice,
-            field_selector=_slice_selector(driver, node),
+            "GET",
+            SLICES,
+            {"fieldSelector": _slice_selector(driver, node)},
         )
         return list(body.get("items") or []), str(
             body.get("metadata", {}).get("resourceVersion", "")
         )
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        return call_json("creating a ResourceSlice", self.resource.create_resource_slice, obj)
+        return self.rest.json("creating a ResourceSlice", "POST", SLICES, body=obj)
 
     def replace(self, name: str, obj: Mapping[str, Any]) -> dict[str, Any]:
-        return call_json(
-            f"updating ResourceSlice {name}", self.resource.replace_resource_slice, name, obj
+        return self.rest.json(
+            f"updating ResourceSlice {name}", "PUT", f"{SLICES}/{quote(name, safe='')}", body=obj
         )
 
     def delete(self, name: str, uid: str, resource_version: str) -> None:
         options = {"preconditions": {"uid": uid, "resourceVersion": resource_version}}
         try:
-            call_json(
+            self.rest.json(
                 f"deleting ResourceSlice {name}",
-                self.resource.delete_resource_slice,
-                name,
+                "DELETE",
+                f"{SLICES}/{quote(name, safe='')}",
                 body=options,
             )
         except ClaimError:  # 404: already gone, which is what we wanted
@@ -161,15 +206,16 @@ class SliceApi:
 
     def watch(self, driver: str, node: str, resource_version: str, timeout: int) -> WatchStream:
         """Open a watch of events after `resource_version`; the server ends it after `timeout` seconds."""
+        query = {
+            "fieldSelector": _slice_selector(driver, node),
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout),
+            "watch": "true",
+        }
         try:
-            response: Any = self.resource.list_resource_slice(
-                field_selector=_slice_selector(driver, node),
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout,
-                watch=True,
-                _preload_content=False,
-                _request_timeout=(REQUEST_TIMEOUT[0], timeout + 30),
+            response = self.rest.open(
+                "GET", SLICES, query, None, (REQUEST_TIMEOUT[0], timeout + 30)
             )
         except ApiException as err:
             raise classify(err, "watching ResourceSlices") from err
@@ -222,21 +268,17 @@ class ClaimStatusApi:
     """Read a ResourceClaim and replace its status (resourceclaims/status), with optimistic concurrency."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
-        self.api = client.ResourceV1Api(api_client)
+        self.rest = Rest(api_client)
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
-        return call_json(
-            f"reading claim {namespace}/{name}",
-            self.api.read_namespaced_resource_claim,
-            name,
-            namespace,
+        return self.rest.json(
+            f"reading claim {namespace}/{name}", "GET", _claim_path(namespace, name)
         )
 
     def replace_status(self, namespace: str, name: str, claim: Mapping[str, Any]) -> dict[str, Any]:
-        return call_json(
+        return self.rest.json(
             f"updating the status of claim {namespace}/{name}",
-            self.api.replace_namespaced_resource_claim_status,
-            name,
-            namespace,
-            claim,
+            "PUT",
+            f"{_claim_path(namespace, name)}/status",
+            body=claim,
         )

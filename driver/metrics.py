@@ -18,11 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from driver.backends import Backend, Sampler
-from driver.checkpoint import CheckpointCorrupt, CheckpointStore, PrepareState
+from driver.checkpoint import CheckpointCorrupt, CheckpointStore
 from driver.claims import Consumer
 from driver.health import KINDS, Effect, HealthBoard
 from driver.inventory import Inventory
 from driver.model import Device, DeviceSample, HealthStatus, Partition
+from driver.prepare import PHASES, Timings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ class DriverMetrics:
             ),
             registry=registry,
         )
+        self.phases = Histogram(
+            "unidra_prepare_phase_seconds",
+            "Where the time of a prepare goes, by phase.",
+            ["phase"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 30),
+            registry=registry,
+        )
         self.errors = Counter(
             "unidra_operation_errors",
             "Failed claim operations, by error reason.",
@@ -116,6 +124,8 @@ class DriverMetrics:
             self.slice_syncs.labels(result)
         for verb in ("create", "update", "delete"):
             self.slice_writes.labels(verb)
+        for phase in PHASES:
+            self.phases.labels(phase)
         for api_reason in API_ERROR_REASONS:
             self.api_errors.labels(api_reason)
         for kind in KINDS:
@@ -127,6 +137,10 @@ class DriverMetrics:
         if error is not None:
             reason = type(error).__name__
             self.errors.labels(operation, reason if reason in ERROR_REASONS else "internal").inc()
+
+    def observe_phases(self, timings: Timings) -> None:
+        for phase, seconds in timings.seconds.items():
+            self.phases.labels(phase).observe(seconds)
 
     def api_error(self, reason: str) -> None:
         self.slice_syncs.labels("error").inc()
@@ -314,7 +328,7 @@ class DeviceCollector(Collector):
             prepared.add_metric([], float("nan"))
             yield from (claims, prepared)
             return
-        completed = [c for c in checkpoint.claims.values() if c.state is PrepareState.COMPLETED]
+        completed = list(checkpoint.claims.values())
         prepared.add_metric([], float(len(completed)))
         for claim in completed:
             pods: list[Consumer | None] = [c for c in claim.consumers if c.resource == "pods"] or [

@@ -1,7 +1,9 @@
-"""PREPARE and UNPREPARE claims: plan (pure) -> checkpoint PrepareStarted -> CDI spec -> PrepareCompleted.
+"""PREPARE and UNPREPARE claims: plan (pure) -> CDI spec -> checkpoint entry.
 
-The claim is fetched from the API before any lock is taken. Everything after the fetch is
-idempotent: a claim already completed in the checkpoint is answered from it without side
+The claim is fetched from the API before any lock is taken. The CDI spec is made durable before
+the claim is recorded, so a recorded claim always has its spec, and a spec without a record is
+a prepare that died before answering kubelet (recovery removes it; kubelet retries). Everything
+after the fetch is idempotent: a recorded claim is answered from the checkpoint without side
 effects, and unprepare succeeds for claims it has never seen.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from driver import cdi, claims, crashpoints, durable, opaque
@@ -21,7 +23,6 @@ from driver.checkpoint import (
     CheckpointStore,
     PreparedClaim,
     PreparedDevice,
-    PrepareState,
 )
 from driver.claims import AllocatedClaim, AllocationResult, ClaimRef
 from driver.errors import ClaimError, ConfigError
@@ -45,7 +46,7 @@ class Plan:
 
 @dataclass
 class Timings:
-    """Where the time of the last prepare went, for benchmarks and debug logs."""
+    """Where the time of one prepare went, by phase (PHASES), for metrics and benchmarks."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -55,9 +56,19 @@ class Timings:
         return now
 
 
+PHASES = (
+    "checkpoint_read",
+    "claim_get",
+    "plan",
+    "lock_wait",
+    "conflict_check",
+    "cdi_write",
+    "checkpoint_write",
+)
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
-    rolled_back: tuple[str, ...] = ()
     rewritten: tuple[str, ...] = ()
     orphans_removed: tuple[str, ...] = ()
     rebuilt_from_cdi: tuple[str, ...] = ()
@@ -92,7 +103,8 @@ class Preparer:
         started = time.perf_counter()
         self._check_uid(ref)
         done = self.store.read().claims.get(ref.uid)
-        if done is not None and done.state is PrepareState.COMPLETED:
+        started = timings.mark("checkpoint_read", started)
+        if done is not None:
             return done.devices
         claim = claims.parse(self.claim_source(ref), ref)
         started = timings.mark("claim_get", started)
@@ -100,28 +112,30 @@ class Preparer:
         started = timings.mark("plan", started)
         with self.locks.claim(ref.uid):
             started = timings.mark("lock_wait", started)
-            with self.store.update() as checkpoint:
-                current = checkpoint.claims.get(ref.uid)
-                if current is not None and current.state is PrepareState.COMPLETED:
-                    return current.devices
-                self._check_conflicts(checkpoint, ref, plan.devices)
-                checkpoint.claims[ref.uid] = PreparedClaim(
-                    uid=ref.uid,
-                    namespace=ref.namespace,
-                    name=ref.name,
-                    state=PrepareState.STARTED,
-                    devices=plan.devices,
-                    consumers=claim.reserved_for,
-                )
-            started = timings.mark("checkpoint_started", started)
-            crashpoints.hit("prepare-after-started")
-            cdi.write_spec(cdi.spec_path(self.cdi_root, self.driver, ref.uid), plan.spec)
+            checkpoint = self.store.read()
+            if ref.uid in checkpoint.claims:  # a concurrent call for the same claim won
+                return checkpoint.claims[ref.uid].devices
+            # Refuse early, before writing anything; checked again when recording.
+            self._check_conflicts(checkpoint, ref, plan.devices)
+            started = timings.mark("conflict_check", started)
+            path = cdi.spec_path(self.cdi_root, self.driver, ref.uid)
+            cdi.write_spec(path, plan.spec)
             started = timings.mark("cdi_write", started)
             crashpoints.hit("prepare-after-cdi")
-            with self.store.update() as checkpoint:
-                entry = checkpoint.claims[ref.uid]
-                checkpoint.claims[ref.uid] = replace(entry, state=PrepareState.COMPLETED)
-            timings.mark("checkpoint_completed", started)
+            try:
+                with self.store.update() as checkpoint:
+                    self._check_conflicts(checkpoint, ref, plan.devices)
+                    checkpoint.claims[ref.uid] = PreparedClaim(
+                        uid=ref.uid,
+                        namespace=ref.namespace,
+                        name=ref.name,
+                        devices=plan.devices,
+                        consumers=claim.reserved_for,
+                    )
+            except ClaimError:
+                durable.remove(path)  # another claim took the device meanwhile
+                raise
+            timings.mark("checkpoint_write", started)
         log.info(
             "Prepared claim",
             extra={"claim": str(ref), "uid": ref.uid, "devices": len(plan.devices)},
@@ -160,26 +174,22 @@ class Preparer:
                 checkpoint = self._rebuild_from_cdi()
                 rebuilt = sorted(checkpoint.claims)
                 self.store.write(checkpoint)
-        rolled_back, rewritten, orphans = [], [], []
+        rewritten, orphans = [], []
         with self.store.update() as checkpoint:
             for uid, entry in list(checkpoint.claims.items()):
                 with self.locks.try_claim(uid) as free:
-                    if not free:
-                        continue  # another instance is preparing it right now
                     path = cdi.spec_path(self.cdi_root, self.driver, uid)
-                    if entry.state is PrepareState.STARTED:
-                        durable.remove(path)
-                        del checkpoint.claims[uid]
-                        rolled_back.append(uid)
-                    elif self._restore_spec(entry, path):
+                    # Not free: another instance is unpreparing it right now.
+                    if free and self._restore_spec(entry, path):
                         rewritten.append(uid)
+            # A spec without an entry is a prepare that died before recording it: kubelet got
+            # no answer and will retry.
             for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
                 if uid not in checkpoint.claims:
                     with self.locks.try_claim(uid) as free:
                         if free and durable.remove(path):
                             orphans.append(uid)
         report = RecoveryReport(
-            rolled_back=tuple(rolled_back),
             rewritten=tuple(rewritten),
             orphans_removed=tuple(orphans),
             rebuilt_from_cdi=tuple(rebuilt),
@@ -323,7 +333,7 @@ class Preparer:
                     )
                 )
             checkpoint.claims[uid] = PreparedClaim(
-                uid=uid, namespace="", name="", state=PrepareState.COMPLETED, devices=tuple(devices)
+                uid=uid, namespace="", name="", devices=tuple(devices)
             )
         return checkpoint
 
@@ -344,11 +354,6 @@ def _split_cdi_name(rest: str, device_names: set[str]) -> tuple[str, str | None]
 
 
 def _log_recovery(report: RecoveryReport) -> None:
-    if report.rolled_back:
-        log.warning(
-            "Rolled back claims whose prepare was interrupted",
-            extra={"uids": list(report.rolled_back)},
-        )
     if report.rewritten:
         log.warning(
             "Rewrote missing or stale CDI specs of prepared claims",

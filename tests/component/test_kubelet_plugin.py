@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from driver import cdi, daemon
-from driver.checkpoint import CheckpointStore, PrepareState
+from driver.checkpoint import CheckpointStore
 from driver.errors import FatalError
 from driver.locks import FileLocks
 from support import kubelet
@@ -119,7 +119,7 @@ def test_prepare_and_unprepare_happy_path(running, node, api: FakeApiServer, ser
         "/dev/nvidiactl",
         "/dev/nvidia-uvm",
     }
-    assert checkpoint_of(node)[uid].state is PrepareState.COMPLETED
+    assert [d.device for d in checkpoint_of(node)[uid].devices] == [GPU0, GPU1]
 
     assert plugin.unprepare([claim], service=service)[uid].error == ""
     assert not (node.cdi_root / cdi.spec_filename("unidra.dev", uid)).exists()

@@ -99,6 +99,8 @@ def test_claims_are_joined_to_devices_and_pods(mixed, api: FakeApiServer) -> Non
     assert "unidra_prepared_claims 1.0" in text
     assert 'unidra_operations_total{operation="prepare",result="success"} 1.0' in text
     assert 'unidra_operation_duration_seconds_count{operation="prepare"} 1.0' in text
+    for phase in ("claim_get", "lock_wait", "cdi_write", "checkpoint_write"):
+        assert f'unidra_prepare_phase_seconds_count{{phase="{phase}"}} 1.0' in text
     plugin.unprepare([claim])
     assert series(scrape(instance), "unidra_claim_device_info") == []
 

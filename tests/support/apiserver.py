@@ -713,3 +713,20 @@ def _merge_patch(target: Any, patch: Any) -> Any:
         else:
             target[key] = _merge_patch(target.get(key), value)
     return target
+
+
+def main() -> None:
+    """Serve in a process of its own until stdin closes: `python -m support.apiserver KUBECONFIG`.
+
+    Benchmarks use it so the server's work does not share an interpreter with the client they time.
+    """
+    import sys
+
+    with FakeApiServer() as server:
+        server.write_kubeconfig(Path(sys.argv[1]))
+        print(server.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

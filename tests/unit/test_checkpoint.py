@@ -13,7 +13,6 @@ from driver.checkpoint import (
     CheckpointStore,
     PreparedClaim,
     PreparedDevice,
-    PrepareState,
     decode,
     encode,
 )
@@ -25,9 +24,7 @@ def sample() -> Checkpoint:
     device = PreparedDevice(
         "gpu/big", "node", "gpu-a", ("k8s.d/claim=u-gpu-a",), False, None, {"env": {"A": "1"}}
     )
-    claim = PreparedClaim(
-        "u", "ns", "c", PrepareState.COMPLETED, (device,), (Consumer("pods", "p", "pu"),)
-    )
+    claim = PreparedClaim("u", "ns", "c", (device,), (Consumer("pods", "p", "pu"),))
     return Checkpoint(boot_id="boot-1", claims={"u": claim})
 
 
@@ -75,4 +72,4 @@ def test_file_is_readable_json_for_operators(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "checkpoint.json", FileLocks(tmp_path / "lock"))
     store.write(sample())
     body = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert body["kind"] == "Checkpoint" and body["claims"][0]["state"] == "PrepareCompleted"
+    assert body["kind"] == "Checkpoint" and body["claims"][0]["devices"][0]["device"] == "gpu-a"
