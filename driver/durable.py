@@ -48,10 +48,10 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
-    """Delete temp files a crash left behind while writing `name` in `directory`."""
+def remove_stale_temporaries(directory: Path, prefix: str) -> list[Path]:
+    """Delete temp files a crash left behind while writing files whose names start with `prefix`."""
     removed = []
-    for candidate in directory.glob(f".{name}.*.tmp"):
+    for candidate in directory.glob(f".{prefix}*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             candidate.unlink()
             removed.append(candidate)

@@ -163,7 +163,7 @@ class Preparer:
     def recover(self) -> RecoveryReport:
         """Repair state after a crash or reboot; run once at start before serving kubelet."""
         durable.remove_stale_temporaries(self.cdi_root, f"k8s.{self.driver}-{cdi.CLASS}_")
-        durable.remove_stale_temporaries(self.store.path.parent, self.store.path.name)
+        durable.remove_stale_temporaries(self.store.path.parent, f"{self.store.path.name}.")
         corrupt = None
         rebuilt: list[str] = []
         with self.locks.state():
@@ -318,7 +318,14 @@ class Preparer:
         names = set(self.inventory().by_name)
         checkpoint = Checkpoint()
         for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
-            spec = cdi.read_spec(path) or {}
+            spec = cdi.read_spec(path)
+            if spec is None:
+                # Which devices it held is unknowable; recovery removes it as an orphan.
+                log.error(
+                    "Unreadable CDI spec left out of the rebuilt checkpoint",
+                    extra={"path": str(path)},
+                )
+                continue
             devices = []
             for entry in spec.get("devices", []):
                 cdi_name = str(entry.get("name", ""))

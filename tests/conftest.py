@@ -18,6 +18,7 @@ from support import kubelet
 from support.apiserver import FakeApiServer
 
 NODE = "node-a"
+pytest_plugins = ["support.processes"]
 
 
 @pytest.fixture

@@ -6,75 +6,22 @@ state is reproduced deterministically.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from driver import cdi, crashpoints
-from driver.checkpoint import CheckpointStore
-from driver.locks import FileLocks
 from support import kubelet
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
+from support.processes import Process, checkpoint_claims
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "node-a"
-
-
-class Process:
-    def __init__(self, node, crashpoint: str = "") -> None:  # type: ignore[no-untyped-def]
-        env = {**os.environ, "UNIDRA_CRASHPOINT": crashpoint, "PYTHONUNBUFFERED": "1"}
-        self.log = open(node.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", *node.argv()],
-            cwd=REPO,
-            env=env,
-            stdout=self.log,
-            stderr=self.log,
-        )
-
-    def wait_registered(self, node) -> kubelet.Plugin:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + 30
-        while not kubelet.find_registration_sockets(node.registrar_dir):
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited with {self.proc.returncode}: {self.output(node)}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(self.output(node))
-            time.sleep(0.01)
-        return kubelet.wait_for_registration(node.registrar_dir)
-
-    @staticmethod
-    def output(node) -> str:  # type: ignore[no-untyped-def]
-        return (node.root / "daemon.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def checkpoint_claims(node) -> dict:  # type: ignore[no-untyped-def]
-    locks = FileLocks(node.plugin_dir / "serialize.lock")
-    return CheckpointStore(node.plugin_dir / "checkpoint.json", locks).read().claims
 
 
 def test_sigterm_finishes_in_flight_calls_and_removes_both_sockets(

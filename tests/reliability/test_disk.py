@@ -1,0 +1,110 @@
+"""Damage on disk between runs: the checkpoint or a CDI spec truncated, emptied, overwritten with
+garbage, edited, or gone. The daemon starts anyway, says what it found, rebuilds what it can,
+and every claim can still be unprepared and prepared again."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import pytest
+
+from driver import cdi
+from support.apiserver import FakeApiServer
+from support.claims import allocated_claim, result
+from support.processes import checkpoint_claims
+from support.reliability import TALLY
+
+GPUS = ["gpu-0000-1b-00-0", "gpu-0000-43-00-0", "gpu-0000-52-00-0"]
+Damage = Callable[[bytes], bytes]
+
+DAMAGE: dict[str, Damage] = {
+    "truncated to half": lambda data: data[: len(data) // 2],
+    "truncated to one byte": lambda data: data[:1],
+    "emptied": lambda data: b"",
+    "garbage": lambda data: bytes(random.Random(7).randrange(256) for _ in range(len(data))),
+    "one byte flipped": lambda data: data[:40] + bytes([data[40] ^ 0x20]) + data[41:],
+    "not an object": lambda data: b"[1, 2, 3]\n",
+}
+
+
+def prepared_node(node, api: FakeApiServer) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+    claims = [
+        allocated_claim(api, f"kept-{i}", [result(gpu, "node-a")]) for i, gpu in enumerate(GPUS)
+    ]
+    with node.serve() as (_, plugin):
+        for claim in claims:
+            assert plugin.prepare([claim])[claim[2]].error == ""
+    return claims
+
+
+def all_claims_still_work(node, claims, expect_recorded: bool = True) -> None:  # type: ignore[no-untyped-def]
+    with node.serve() as (_, plugin):
+        if expect_recorded:
+            assert set(checkpoint_claims(node)) == {c[2] for c in claims}
+        for claim in claims:
+            assert plugin.unprepare([claim])[claim[2]].error == ""
+        assert checkpoint_claims(node) == {}
+        assert cdi.claim_specs(node.cdi_root, "unidra.dev") == {}
+        for claim in claims:
+            assert plugin.prepare([claim])[claim[2]].error == ""
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_checkpoint_is_set_aside_and_rebuilt_from_the_cdi_specs(
+    node, api: FakeApiServer, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    path = node.plugin_dir / "checkpoint.json"
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    with caplog.at_level(logging.ERROR, logger="driver.prepare"):
+        all_claims_still_work(node, claims)
+    assert "Checkpoint is corrupt; moved aside and rebuilt from CDI specs" in caplog.text
+    assert list(node.plugin_dir.glob("checkpoint.json.corrupt-*"))
+    TALLY["disk: damaged checkpoints rebuilt"] += 1
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "deleted"], ids=[*DAMAGE, "deleted"])
+def test_a_damaged_or_missing_cdi_spec_is_rewritten(
+    node, api: FakeApiServer, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    spec = cdi.spec_path(node.cdi_root, "unidra.dev", claims[1][2])
+    good = spec.read_bytes()
+    if damage == "deleted":  # /var/run is a tmpfs: a reboot empties it
+        spec.unlink()
+    else:
+        spec.write_bytes(DAMAGE[damage](good))
+    with caplog.at_level(logging.WARNING, logger="driver.prepare"), node.serve():
+        assert spec.read_bytes() == good
+    assert "Rewrote missing or stale CDI specs of prepared claims" in caplog.text
+    all_claims_still_work(node, claims)
+    TALLY["disk: damaged or missing CDI specs rewritten"] += 1
+
+
+def test_checkpoint_and_a_spec_both_damaged(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    (node.plugin_dir / "checkpoint.json").write_bytes(b"\x00garbage")
+    cdi.spec_path(node.cdi_root, "unidra.dev", claims[0][2]).write_bytes(b"{not json")
+    with node.serve() as (_, plugin):
+        # The unreadable spec cannot say which devices it held: it is dropped, not guessed.
+        assert set(checkpoint_claims(node)) == {c[2] for c in claims[1:]}
+        assert set(cdi.claim_specs(node.cdi_root, "unidra.dev")) == {c[2] for c in claims[1:]}
+        for claim in claims:
+            assert plugin.unprepare([claim])[claim[2]].error == ""
+            assert plugin.prepare([claim])[claim[2]].error == ""
+    TALLY["disk: checkpoint and a spec damaged together"] += 1
+
+
+def test_temporary_files_of_an_interrupted_write_are_removed(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    leftovers = [
+        node.plugin_dir / ".checkpoint.json.abc123.tmp",
+        node.cdi_root / f".{cdi.spec_filename('unidra.dev', claims[0][2])}.xyz789.tmp",
+    ]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a wri")
+    all_claims_still_work(node, claims)
+    assert not any(leftover.exists() for leftover in leftovers)
+    TALLY["disk: interrupted temporary files cleaned"] += 1
