@@ -86,10 +86,18 @@ def read(host_root: Path, bdf: str) -> PciFunction | None:
 def numa_node(sysfs_dir: Path) -> int | None:
     """The function's NUMA node; sysfs says -1 on single-node machines, which means unknown."""
     try:
-        value = int((sysfs_dir / "numa_node").read_text())
-    except (OSError, ValueError):
+        return parse_numa((sysfs_dir / "numa_node").read_text())
+    except OSError:
         return None
-    return value if value >= 0 else None
+
+
+def parse_numa(value: object) -> int | None:
+    """A NUMA node as sysfs or a vendor tool reports it; -1, empty and garbage mean unknown."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
 
 
 def pcie_root(host_root: Path, bdf: str) -> str | None:

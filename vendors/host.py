@@ -67,6 +67,18 @@ class Host:
             path=path, type="c", major=numbers[0], minor=numbers[1], permissions=permissions
         )
 
+    def drm_nodes(self, card: int, render: int) -> tuple[DeviceNode, DeviceNode] | None:
+        """/dev/dri/card<card> and /dev/dri/renderD<render>, or None when either is missing."""
+        primary = self.device_node(
+            f"/dev/dri/card{card}", sysfs_dev=f"/sys/class/drm/card{card}/dev"
+        )
+        render_node = self.device_node(
+            f"/dev/dri/renderD{render}", sysfs_dev=f"/sys/class/drm/renderD{render}/dev"
+        )
+        if primary is None or render_node is None:
+            return None
+        return primary, render_node
+
     def run(self, candidates: Sequence[str], args: Sequence[str], timeout: float, what: str) -> str:
         """Run the first of `candidates` (host paths of a vendor CLI) that exists; no shell involved."""
         for candidate in candidates:

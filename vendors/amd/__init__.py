@@ -141,19 +141,12 @@ class AmdBackend:
 
     def device_edits(self, device: Device) -> ContainerEdits:
         gpu = self._gpu(device)
-        nodes = [
-            self.host.device_node(
-                f"/dev/dri/card{gpu.card}", sysfs_dev=f"/sys/class/drm/card{gpu.card}/dev"
-            ),
-            self.host.device_node(
-                f"/dev/dri/renderD{gpu.render}", sysfs_dev=f"/sys/class/drm/renderD{gpu.render}/dev"
-            ),
-        ]
-        if None in nodes:
+        nodes = self.host.drm_nodes(gpu.card, gpu.render)
+        if nodes is None:
             raise BackendUnavailable(
                 f"{device.name}: DRM nodes card{gpu.card}/renderD{gpu.render} not found"
             )
-        return ContainerEdits(device_nodes=tuple(n for n in nodes if n is not None))
+        return ContainerEdits(device_nodes=nodes)
 
     def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
         kfd = self.host.device_node("/dev/kfd", sysfs_dev="/sys/class/kfd/kfd/dev")
@@ -267,7 +260,7 @@ class AmdBackend:
                         memory=int(smi.amdsmi_get_gpu_vram_info(handle)["vram_size"]) * (1 << 20),
                         card=int(enumeration["drm_card"]),
                         render=int(enumeration["drm_render"]),
-                        numa=_numa(smi.amdsmi_topo_get_numa_node_number(handle)),
+                        numa=pci.parse_numa(smi.amdsmi_topo_get_numa_node_number(handle)),
                         driver_version=_known(
                             smi.amdsmi_get_gpu_driver_info(handle)["driver_version"]
                         ),
@@ -419,14 +412,6 @@ def _gfx(version: int) -> str:
 
 def _known(value: Any) -> str | None:
     return None if value in (None, "", "N/A") else str(value)
-
-
-def _numa(value: Any) -> int | None:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
 
 
 def _hive(value: Any) -> str | None:

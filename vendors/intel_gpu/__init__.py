@@ -18,7 +18,6 @@ from driver.errors import BackendUnavailable
 from driver.model import (
     ContainerEdits,
     Device,
-    DeviceNode,
     DeviceSample,
     DeviceType,
     HealthEvent,
@@ -117,15 +116,8 @@ class IntelGpuBackend:
 
     def device_edits(self, device: Device) -> ContainerEdits:
         function, card, render = self._function(device)
-        nodes = [
-            self.host.device_node(
-                f"/dev/dri/card{card}", sysfs_dev=f"/sys/class/drm/card{card}/dev"
-            ),
-            self.host.device_node(
-                f"/dev/dri/renderD{render}", sysfs_dev=f"/sys/class/drm/renderD{render}/dev"
-            ),
-        ]
-        if None in nodes:
+        nodes = self.host.drm_nodes(card, render)
+        if nodes is None:
             raise BackendUnavailable(
                 f"{device.name}: cannot find the numbers of card{card}/renderD{render}"
             )
@@ -138,9 +130,7 @@ class IntelGpuBackend:
             )
             if self.host.path(path).is_symlink() or self.host.path(path).exists()
         )
-        return ContainerEdits(
-            device_nodes=tuple(n for n in nodes if isinstance(n, DeviceNode)), mounts=mounts
-        )
+        return ContainerEdits(device_nodes=nodes, mounts=mounts)
 
     def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
         return ContainerEdits()

@@ -95,7 +95,7 @@ class RebellionsBackend:
                 compute_units=model.engines,
                 pci_bus_id=bdf,
                 pcie_root=pci.pcie_root(self.host.root, bdf),
-                numa_node=_numa(entry["pci"].get("numa_node")),
+                numa_node=pci.parse_numa(entry["pci"].get("numa_node")),
                 driver_version=document.get("KMD_version"),
                 firmware_version=entry.get("fw_ver"),
                 precisions=model.precisions,
@@ -178,14 +178,6 @@ class RebellionsBackend:
     def _uuid(entry: dict[str, Any]) -> str:
         value = str(entry.get("uuid") or "")
         return "" if value in ("", ZERO_UUID) else value
-
-
-def _numa(value: Any) -> int | None:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
 
 
 def _integer(value: Any) -> int | None:
