@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
 SETTLE_SECONDS = 0.05
+MAX_BATCH_SECONDS = 1.0  # under sustained prepares, write at least this often
 
 
 class ClaimStatusWriter:
@@ -97,22 +98,29 @@ class ClaimStatusWriter:
                         )
 
     def _batch(self, stop: threading.Event) -> dict[str, tuple[ClaimRef, int]]:
-        """The claims to write, one entry each, once requests have settled for SETTLE_SECONDS.
+        """The claims to write, one entry each, once requests have settled for SETTLE_SECONDS
+        (or MAX_BATCH_SECONDS after the first one, so sustained load cannot starve them).
 
         Writing waits out a burst of prepares rather than competing with them for the
         interpreter, and a claim asked for twice in the burst is written once.
         """
         batch: dict[str, tuple[ClaimRef, int]] = {}
-        timeout = 0.2
+        deadline = float("inf")
         while not stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return batch
             try:
-                ref, attempt = self._queue.get(timeout=timeout)
+                ref, attempt = self._queue.get(
+                    timeout=min(SETTLE_SECONDS, deadline - now) if batch else 0.2
+                )
             except queue.Empty:
                 if batch:
                     return batch
                 continue
+            if not batch:
+                deadline = time.monotonic() + MAX_BATCH_SECONDS
             batch[ref.uid] = (ref, max(attempt, batch.get(ref.uid, (ref, 0))[1]))
-            timeout = SETTLE_SECONDS
         return batch
 
     def _write(self, ref: ClaimRef) -> None:

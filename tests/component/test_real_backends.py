@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from driver import backends, cdi, daemon
-from support import kubelet
+from support import commands, kubelet
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.hosts import FakeHost
@@ -64,6 +64,13 @@ def test_daemon_serves_a_backend_it_picked_by_pci(node, api: FakeApiServer) -> N
         assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
             {"path": "/dev/rbln2", "type": "c", "major": 507, "minor": 2}
         ]
+        # Only simulated devices can be made to fail; real hardware refuses injected faults.
+        refused = commands.run_simulate(
+            node.plugins_dir, "inject", "--device=npu-0000-5e-00-0", "--fault=lost"
+        )
+        assert refused.returncode == 1
+        assert "belongs to the rebellions backend, which takes no injected faults" in refused.stderr
+        assert not instance.board.taints()
         plugin.close()
     finally:
         instance.stop()
