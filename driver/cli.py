@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         300,
         "transient faults clear after this long without new faults",
     )
+    _seconds(
+        plugin,
+        "--health-min-hold-seconds",
+        30,
+        "no health condition clears sooner than this after it was raised (anti-flapping)",
+    )
     _add_log_flags(plugin)
 
     simulate = commands.add_parser(
@@ -296,6 +302,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         healthcheck_port=None if args.healthcheck_port < 0 else args.healthcheck_port,
         taint_effects=dict(_pair(item, "--taint-effect") for item in args.taint_effect),
         health_quiet_seconds=args.health_quiet_seconds,
+        health_min_hold_seconds=args.health_min_hold_seconds,
     ).validate()
 
 

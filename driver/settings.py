@@ -86,6 +86,11 @@ class Settings:
         ):
             if not seconds > 0:
                 raise ConfigError(flag, f"{seconds} must be a positive number of seconds")
+        if not self.health_min_hold_seconds >= 0:
+            raise ConfigError(
+                "--health-min-hold-seconds",
+                f"{self.health_min_hold_seconds} must be zero or a positive number of seconds",
+            )
         for flag, path in (
             ("--cdi-root", self.cdi_root),
             ("--kubelet-registrar-directory-path", self.registrar_dir),

@@ -1,0 +1,375 @@
+"""Unidra on a real cluster: the install, the kubelet plugin as a process, and pods that use its devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from driver.checkpoint import CheckpointStore, PreparedClaim
+from driver.localcluster import LocalCluster, free_port
+from driver.locks import FileLocks
+from support.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+DRIVER = "unidra.dev"
+NAMESPACE = "unidra"
+IMAGE = "lab.local/pause:1"  # fakecri pretends to pull any image
+
+
+def install_overlay(cluster: LocalCluster, overlay: str) -> str:
+    """`kubectl apply -k manifests/overlays/<overlay>`; returns what kubectl wrote to stderr."""
+    done = cluster.kubectl("apply", "-k", str(REPO / "manifests" / "overlays" / overlay))
+    wait_until(lambda: daemonset_pod(cluster), timeout=60, what="the DaemonSet's pod on the node")
+    return done.stderr
+
+
+def daemonset_pod(cluster: LocalCluster, namespace: str = NAMESPACE) -> dict[str, Any] | None:
+    pods = cluster.get_json(
+        f"/api/v1/namespaces/{namespace}/pods?labelSelector=app.kubernetes.io/component%3Dkubelet-plugin"
+    )["items"]
+    on_node = [p for p in pods if p["spec"].get("nodeName") == cluster.node_name]
+    return on_node[0] if on_node else None
+
+
+def driver_kubeconfig(cluster: LocalCluster, namespace: str = NAMESPACE) -> Path:
+    """Credentials as the DaemonSet's pod has them: a service-account token bound to that pod.
+
+    A pod-bound token carries the node's name, which the ResourceSlice admission policy checks.
+    """
+    pod = daemonset_pod(cluster, namespace)
+    assert pod is not None, "the DaemonSet has no pod on the node"
+    token = cluster.kubectl(
+        "create",
+        "token",
+        "unidra",
+        "-n",
+        namespace,
+        "--bound-object-kind=Pod",
+        f"--bound-object-name={pod['metadata']['name']}",
+        f"--bound-object-uid={pod['metadata']['uid']}",
+        "--duration=6h",
+    ).stdout.strip()
+    return cluster.token_kubeconfig(f"unidra-{namespace}", token)
+
+
+class PluginProcess:
+    """`unidra kubelet-plugin` on the cluster's node, with the kubelet's own directories."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        *,
+        simulate: str = "dgx-h100",
+        args: Sequence[str] = (),
+        pod_uid: str | None = None,
+        name: str = "plugin",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.root = cluster.workdir / name
+        self.root.mkdir(exist_ok=True)
+        self.cdi_root = cluster.workdir / "cdi"
+        self.log_path = self.root / "plugin.log"
+        self.metrics_port = free_port()
+        self.pod_uid = pod_uid
+        self.argv = [
+            sys.executable,
+            "-m",
+            "driver",
+            "kubelet-plugin",
+            f"--node-name={cluster.node_name}",
+            f"--kubeconfig={driver_kubeconfig(cluster)}",
+            f"--cdi-root={self.cdi_root}",
+            f"--kubelet-registrar-directory-path={cluster.registrar_dir}",
+            f"--kubelet-plugins-directory-path={cluster.plugins_dir}",
+            f"--simulate={simulate}",
+            f"--metrics-address=127.0.0.1:{self.metrics_port}",
+            "--healthcheck-port=0",
+            *([f"--pod-uid={pod_uid}"] if pod_uid else []),
+            *args,
+        ]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def plugin_dir(self) -> Path:
+        return self.cluster.plugins_dir / DRIVER
+
+    def start(self, wait: bool = True) -> PluginProcess:
+        kubelet_log = self.cluster.components["kubelet"].output()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, cwd=REPO, env=self.env, stdout=log, stderr=log
+            )
+        if wait:
+            self.wait_registered(since=len(kubelet_log))
+        return self
+
+    def wait_registered(self, since: int, timeout: float = 30.0) -> None:
+        """Until the real kubelet logs that it registered this plugin."""
+
+        def registered() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"the plugin exited with {self.process.returncode}:\n{self.output()[-3000:]}"
+                )
+            tail = self.cluster.components["kubelet"].output()[since:]
+            return any(
+                "Registered DRA plugin" in line and DRIVER in line for line in tail.splitlines()
+            )
+
+        wait_until(registered, timeout=timeout, what="kubelet to register the plugin")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        return code
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return str(answer.read().decode())
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The current samples of one metric, by their sorted labels."""
+        return {
+            tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name
+        }
+
+    def checkpoint(self) -> dict[str, PreparedClaim]:
+        locks = FileLocks(self.plugin_dir / "serialize.lock")
+        return CheckpointStore(self.plugin_dir / "checkpoint.json", locks).read().claims
+
+    def cdi_specs(self) -> list[Path]:
+        return sorted(self.cdi_root.glob(f"k8s.{DRIVER}-claim_*.json"))
+
+    def __enter__(self) -> PluginProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self.stop() not in (0, -signal.SIGTERM) and kind is None:
+            raise AssertionError(f"the plugin did not stop cleanly:\n{self.output()[-3000:]}")
+
+
+# -- objects and pods ------------------------------------------------------------------------------
+
+
+def apply(cluster: LocalCluster, *objects: Mapping[str, Any]) -> None:
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"kind": "List", "apiVersion": "v1", "items": list(objects)}),
+    )
+
+
+def delete(cluster: LocalCluster, kind: str, name: str, namespace: str | None = None) -> None:
+    where = ["-n", namespace] if namespace else []
+    cluster.kubectl("delete", kind, name, *where, "--ignore-not-found", "--wait=true")
+
+
+def delete_pods(cluster: LocalCluster, namespace: str) -> None:
+    """Delete every pod of a namespace and wait until they are gone (their claims go with them)."""
+    cluster.kubectl("delete", "pods", "--all", "-n", namespace, "--wait=true", timeout=120)
+
+
+def claim_template(name: str, namespace: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"spec": dict(spec)},
+    }
+
+
+def device_request(
+    name: str = "gpu",
+    device_class: str = "gpu.unidra.dev",
+    count: int = 1,
+    selectors: Iterable[str] = (),
+) -> dict[str, Any]:
+    exactly: dict[str, Any] = {"deviceClassName": device_class, "count": count}
+    if selectors:
+        exactly["selectors"] = [{"cel": {"expression": e}} for e in selectors]
+    return {"name": name, "exactly": exactly}
+
+
+def pod(
+    name: str,
+    namespace: str,
+    templates: Mapping[str, str] = {},
+    claims: Mapping[str, str] = {},
+    tolerations: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A pod whose one container uses claims made from `templates` and the existing `claims`."""
+    references = [{"name": ref, "resourceClaimTemplateName": t} for ref, t in templates.items()]
+    references += [{"name": ref, "resourceClaimName": c} for ref, c in claims.items()]
+    spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": 0,
+        "containers": [
+            {
+                "name": "main",
+                "image": IMAGE,
+                "resources": {"claims": [{"name": r["name"]} for r in references]},
+            }
+        ],
+        "resourceClaims": references,
+    }
+    if tolerations:
+        spec["tolerations"] = list(tolerations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def ensure_namespace(cluster: LocalCluster, namespace: str) -> None:
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    # Pods need the namespace's default service account, which a controller creates.
+    wait_until(
+        lambda: _exists(cluster, f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+        timeout=30,
+        what=f"the default service account of {namespace}",
+    )
+
+
+def get(cluster: LocalCluster, path: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = cluster.get_json(path)
+    return found
+
+
+def _exists(cluster: LocalCluster, path: str) -> bool:
+    return get(cluster, path) is not None
+
+
+def pod_object(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any] | None:
+    return get(cluster, f"/api/v1/namespaces/{namespace}/pods/{name}")
+
+
+def wait_pod_ready(
+    cluster: LocalCluster, namespace: str, name: str, timeout: float = 60.0
+) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        found = pod_object(cluster, namespace, name)
+        conditions = (found or {}).get("status", {}).get("conditions", [])
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            return found
+        return None
+
+    return wait_until(ready, timeout=timeout, what=f"pod {namespace}/{name} to be Ready")
+
+
+def wait_pod_gone(cluster: LocalCluster, namespace: str, name: str, timeout: float = 60.0) -> None:
+    wait_until(
+        lambda: pod_object(cluster, namespace, name) is None,
+        timeout=timeout,
+        what=f"pod {namespace}/{name} to be deleted",
+    )
+
+
+def pod_claims(cluster: LocalCluster, namespace: str, pod_name: str) -> list[dict[str, Any]]:
+    """The ResourceClaims a pod uses, as the API server has them."""
+    found = pod_object(cluster, namespace, pod_name)
+    assert found is not None
+    names = [s["resourceClaimName"] for s in found["status"].get("resourceClaimStatuses", [])]
+    claims = []
+    for claim_name in names:
+        claim = get(
+            cluster, f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{claim_name}"
+        )
+        assert claim is not None
+        claims.append(claim)
+    return claims
+
+
+def scheduling_message(cluster: LocalCluster, namespace: str, name: str) -> str:
+    """The scheduler's reason for a pending pod, once it has given one."""
+
+    def message() -> str:
+        found = pod_object(cluster, namespace, name) or {}
+        for condition in found.get("status", {}).get("conditions", []):
+            if condition["type"] == "PodScheduled" and condition["status"] == "False":
+                return str(condition.get("message", ""))
+        return ""
+
+    return wait_until(message, timeout=30, what=f"the scheduler's reason for {namespace}/{name}")
+
+
+def container_cdi_devices(cluster: LocalCluster, namespace: str, pod_name: str) -> list[str]:
+    """The CDI device names the real kubelet passed to the runtime for a pod's container."""
+    names: list[str] = []
+    if not cluster.container_log.exists():
+        return names
+    for line in cluster.container_log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("pod") == pod_name and entry.get("namespace") == namespace:
+            names = list(entry.get("cdi") or [])
+    return names
+
+
+def slices(cluster: LocalCluster, driver: str = DRIVER) -> list[dict[str, Any]]:
+    found = cluster.get_json(
+        "/apis/resource.k8s.io/v1/resourceslices"
+        f"?fieldSelector=spec.driver%3D{driver},spec.nodeName%3D{cluster.node_name}"
+    )
+    items: list[dict[str, Any]] = found["items"]
+    return items
+
+
+def published_devices(cluster: LocalCluster, driver: str = DRIVER) -> dict[str, dict[str, Any]]:
+    """The devices of the node's pool at its newest generation, by name."""
+    items = slices(cluster, driver)
+    if not items:
+        return {}
+    newest = max(s["spec"]["pool"]["generation"] for s in items)
+    return {
+        d["name"]: d
+        for s in items
+        if s["spec"]["pool"]["generation"] == newest
+        for d in s["spec"].get("devices", [])
+    }
+
+
+def wait_published(
+    cluster: LocalCluster, count: int, timeout: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    def complete() -> dict[str, dict[str, Any]] | None:
+        devices = published_devices(cluster)
+        return devices if len(devices) == count else None
+
+    return wait_until(complete, timeout=timeout, what=f"{count} published devices")
+
+
+def wait_seconds_for(probe: Any, seconds: float) -> None:
+    """Let the cluster act for a while when the test proves that something does NOT happen."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not probe(), "it happened"
+        time.sleep(0.2)

@@ -1,0 +1,186 @@
+"""The install, judged by the real API server: manifests, admission policies, RBAC, config rejection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from e2e.plugin import NAMESPACE, PluginProcess, ensure_namespace, get, published_devices
+
+from driver.localcluster import LocalCluster
+from support.waiting import wait_until
+
+SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:unidra"
+POLICIES = ("unidra-resourceslices", "unidra-opaque-config")
+
+
+def test_kubectl_apply_of_the_simulated_overlay_is_accepted_without_warnings(
+    installed: str,
+) -> None:
+    assert "warning" not in installed.lower(), installed
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_admission_policy_type_checks_on_the_real_api_server(
+    cluster: LocalCluster, installed: str, policy: str
+) -> None:
+    def checked() -> dict | None:  # type: ignore[type-arg]
+        found = get(
+            cluster, f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{policy}"
+        )
+        assert found is not None
+        status = found.get("status", {})
+        done = status.get("observedGeneration") == found["metadata"]["generation"]
+        return status if done and "typeChecking" in status else None
+
+    status = wait_until(checked, timeout=30, what=f"{policy} to be type-checked")
+    assert status["typeChecking"].get("expressionWarnings", []) == []
+
+
+def _can_i(cluster: LocalCluster, verb: str, resource: str) -> bool:
+    resource, _, rest = resource.partition("/")
+    subresource, _, name = rest.partition("/")
+    done = cluster.kubectl(
+        "auth",
+        "can-i",
+        verb,
+        f"{resource}/{name}" if name else resource,
+        *([f"--subresource={subresource}"] if subresource else []),
+        f"--as={SERVICE_ACCOUNT}",
+        check=False,
+    )
+    return done.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource"),
+    [
+        ("list", "resourceslices.resource.k8s.io"),
+        ("watch", "resourceslices.resource.k8s.io"),
+        ("create", "resourceslices.resource.k8s.io"),
+        ("update", "resourceslices.resource.k8s.io"),
+        ("delete", "resourceslices.resource.k8s.io"),
+        ("get", "resourceclaims.resource.k8s.io"),
+        ("update", "resourceclaims.resource.k8s.io/status"),
+        ("associated-node:update", "resourceclaims.resource.k8s.io/driver/unidra.dev"),
+        ("get", "nodes"),
+    ],
+)
+def test_the_service_account_may_do_what_the_driver_does(
+    cluster: LocalCluster, installed: str, verb: str, resource: str
+) -> None:
+    assert _can_i(cluster, verb, resource)
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource"),
+    [
+        ("patch", "resourceslices.resource.k8s.io"),
+        ("deletecollection", "resourceslices.resource.k8s.io"),
+        ("list", "resourceclaims.resource.k8s.io"),
+        ("update", "resourceclaims.resource.k8s.io"),
+        ("patch", "resourceclaims.resource.k8s.io/status"),
+        ("associated-node:update", "resourceclaims.resource.k8s.io/driver/other.dev"),
+        ("arbitrary-node:update", "resourceclaims.resource.k8s.io/driver/unidra.dev"),
+        ("create", "deviceclasses.resource.k8s.io"),
+        ("create", "devicetaintrules.resource.k8s.io"),
+        ("list", "nodes"),
+        ("update", "nodes"),
+        ("get", "secrets"),
+        ("list", "pods"),
+    ],
+)
+def test_the_service_account_may_do_nothing_more(
+    cluster: LocalCluster, installed: str, verb: str, resource: str
+) -> None:
+    assert not _can_i(cluster, verb, resource)
+
+
+def _slice(node: str) -> dict:  # type: ignore[type-arg]
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-unidra-admission-probe"},
+        "spec": {
+            "driver": "unidra.dev",
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": "gpu-0"}],
+        },
+    }
+
+
+def _create_as_driver_on(cluster: LocalCluster, node: str, obj: dict) -> tuple[int, str]:  # type: ignore[type-arg]
+    done = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "-f",
+        "-",
+        f"--as={SERVICE_ACCOUNT}",
+        f"--as-user-extra=authentication.kubernetes.io/node-name={node}",
+        input=json.dumps(obj),
+        check=False,
+    )
+    return done.returncode, done.stderr
+
+
+def test_a_resourceslice_for_another_node_is_denied(cluster: LocalCluster, installed: str) -> None:
+    code, error = _create_as_driver_on(cluster, "node-a", _slice("node-b"))
+    assert code != 0
+    assert "unidra-resourceslices" in error
+    assert "may write only ResourceSlices with spec.nodeName node-a" in error
+    code, error = _create_as_driver_on(cluster, "node-a", _slice("node-a"))
+    assert code == 0, error
+
+
+def test_the_driver_publishes_with_its_pod_bound_token(
+    cluster: LocalCluster, plugin: PluginProcess
+) -> None:
+    # The plugin runs with a token bound to the DaemonSet's pod, as in the cluster: the policy
+    # admits its own node's slices, and none of its API calls is refused.
+    assert len(published_devices(cluster)) == 8
+    assert plugin.samples("unidra_slice_syncs_total")[(("result", "success"),)] >= 1
+    assert sum(plugin.samples("unidra_api_errors_total").values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        (
+            {"apiVersion": "resource.unidra.dev/v1alpha1", "kind": "DeviceConfig", "envv": {}},
+            "unknown field",
+        ),
+        (
+            {
+                "apiVersion": "resource.unidra.dev/v1alpha1",
+                "kind": "DeviceConfig",
+                "env": {"1X": "y"},
+            },
+            "env names",
+        ),
+        ({"apiVersion": "resource.unidra.dev/v9", "kind": "DeviceConfig"}, "apiVersion"),
+    ],
+)
+def test_an_invalid_opaque_config_is_rejected_when_the_claim_is_created(
+    cluster: LocalCluster,
+    installed: str,
+    parameters: dict,
+    named: str,  # type: ignore[type-arg]
+) -> None:
+    ensure_namespace(cluster, "e2e-install")
+    claim = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": "bad-config", "namespace": "e2e-install"},
+        "spec": {
+            "devices": {
+                "requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.unidra.dev"}}],
+                "config": [{"opaque": {"driver": "unidra.dev", "parameters": parameters}}],
+            }
+        },
+    }
+    done = cluster.kubectl(
+        "create", "--dry-run=server", "-f", "-", input=json.dumps(claim), check=False
+    )
+    assert done.returncode != 0
+    assert "unidra-opaque-config" in done.stderr and named in done.stderr, done.stderr
