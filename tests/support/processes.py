@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Process:
-    def __init__(self, node, crashpoint: str = "") -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, node, crashpoint: str = "", argv: Sequence[str] = ()) -> None:  # type: ignore[no-untyped-def]
+        """Start `unidra` with `argv`, by default the node's `kubelet-plugin` arguments."""
         env = {**os.environ, "UNIDRA_CRASHPOINT": crashpoint, "PYTHONUNBUFFERED": "1"}
         self.log = open(node.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", *node.argv()],
+            [sys.executable, "-m", "driver", *(argv or node.argv())],
             cwd=REPO,
             env=env,
             stdout=self.log,

@@ -8,7 +8,7 @@ import pytest
 
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable, ConfigError
-from driver.model import DeviceType
+from driver.model import DeviceType, Mount
 from vendors.simulated import SimulatedBackend, profiles
 
 
@@ -97,6 +97,34 @@ def test_dev_root_becomes_host_path() -> None:
     assert (node.path, node.host_path) == ("/dev/nvidia0", "/tmp/fakedev/nvidia0")
 
 
+def test_intel_gpus_bind_udevs_by_path_links_only_where_the_dev_root_has_them(
+    tmp_path: Path,
+) -> None:
+    by_path = tmp_path / "dri" / "by-path"
+    by_path.mkdir(parents=True)
+    (tmp_path / "dri" / "card3").touch()
+    (by_path / "pci-0000:98:00.0-card").symlink_to("../card3")
+    (by_path / "pci-0000:98:00.0-render").symlink_to("../renderD130")  # dangling: left out
+    sim = backend("mixed", **{"dev-root": str(tmp_path)})
+    devices = {d.vendor: d for d in sim.discover()}
+    assert sim.device_edits(devices["intel"]).mounts == (
+        Mount(
+            f"{by_path}/pci-0000:98:00.0-card",
+            "/dev/dri/by-path/pci-0000:98:00.0-card",
+            options=("bind",),
+        ),
+    )
+    assert sim.device_edits(devices["amd"]).mounts == ()  # the AMD backend binds none
+    # Without a dev root the host's own /dev is looked at, which has no such GPU here.
+    assert backend("mixed").device_edits(devices["intel"]).mounts == ()
+
+
+def test_templates_take_the_pci_address() -> None:
+    assert profiles.expand("pci-{pci}-render{drm+128}", 0, 2, pci="0000:98:00.0") == (
+        "pci-0000:98:00.0-render130"
+    )
+
+
 def test_no_profile_is_a_one_line_reason() -> None:
     with pytest.raises(BackendUnavailable, match="needs a profile: pass --simulate"):
         SimulatedBackend(BackendContext())
@@ -157,6 +185,12 @@ devices:
             "used twice",
         ),
         ("devices: [", "not valid YAML"),
+        (
+            "models: {x: {vendor: v, type: npu, model: X, architecture: a, memory: 1, computeUnits: 1,"
+            " precisions: [], pciVendorId: '0x1', pciDeviceId: '0x2', mounts: [/etc/x.json]}}\n"
+            "devices: [{model: x, instances: [{pciBusID: '0000:01:00.0'}]}]",
+            r"models\.x\.mounts\[0\]: must be a path under /dev/",
+        ),
     ],
 )
 def test_bad_user_profiles_name_file_and_field(tmp_path: Path, text: str, message: str) -> None:

@@ -1,13 +1,15 @@
 """The simulated backend: realistic devices from node profiles, for demos, tests and benchmarks.
 
 Devices carry the attributes and CDI edits of the real vendor (device node names, majors and
-minors, env). With the `dev-root` option, CDI device nodes point at that fake /dev tree. Faults
+minors, env, mounts). With the `dev-root` option, CDI device nodes and mounts point at that fake
+/dev tree; like the real backends, a mount is only added if its host path is there. Faults
 can be injected at run time (`unidra simulate inject`), and metrics are synthetic but plausible.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import re
 import threading
@@ -26,6 +28,7 @@ from driver.model import (
     DeviceSample,
     HealthEvent,
     Interconnect,
+    Mount,
     Partition,
     PartitionLayout,
 )
@@ -128,9 +131,17 @@ class SimulatedBackend:
 
     def device_edits(self, device: Device) -> ContainerEdits:
         entry = self._entry(device)
+        mounts = []
+        for template in entry.model.mounts:
+            path = self._expand(template, entry)
+            host_path = self._host_path(path)
+            # A dangling link would fail the container's start: runc binds what the link names.
+            if os.path.exists(host_path):
+                mounts.append(Mount(host_path, path, options=("bind",)))
         return ContainerEdits(
             env=tuple(self._expand(item, entry) for item in entry.model.env),
             device_nodes=tuple(self._node(node, entry) for node in entry.model.device_nodes),
+            mounts=tuple(mounts),
         )
 
     def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
@@ -280,14 +291,18 @@ class SimulatedBackend:
         )
 
     def _expand(self, template: str, entry: _Simulated, start: int = 0) -> str:
-        return profiles.expand(template, entry.index, entry.drm, start)
+        return profiles.expand(
+            template, entry.index, entry.drm, start, entry.device.pci_bus_id or ""
+        )
+
+    def _host_path(self, path: str) -> str:
+        return f"{self.dev_root}{path.removeprefix('/dev')}" if self.dev_root else path
 
     def _node(self, template: NodeTemplate, entry: _Simulated, start: int = 0) -> DeviceNode:
         path = self._expand(template.path, entry, start)
-        host_path = f"{self.dev_root}{path.removeprefix('/dev')}" if self.dev_root else None
         return DeviceNode(
             path=path,
-            host_path=host_path,
+            host_path=self._host_path(path) if self.dev_root else None,
             type="c",
             major=template.major,
             minor=int(self._expand(template.minor, entry, start)),

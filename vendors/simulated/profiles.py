@@ -20,6 +20,7 @@ from driver.model import DeviceType
 from driver.schema import Fields
 
 _TEMPLATE = re.compile(r"\{([a-z0-9*+]+)\}")
+_PCI = "{pci}"
 _TERM = re.compile(r"^(?:(index|drm|start)(?:\*(\d+))?|(\d+))$")
 _PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -77,6 +78,7 @@ class ModelSpec:
     interconnect: str | None = None
     device_nodes: tuple[NodeTemplate, ...] = ()
     shared_device_nodes: tuple[NodeTemplate, ...] = ()
+    mounts: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     shared_env: tuple[str, ...] = ()
     claim_env: tuple[tuple[str, str], ...] = ()
@@ -107,9 +109,10 @@ class NodeProfile:
     placements: tuple[Placement, ...]
 
 
-def expand(template: str, index: int, drm: int, start: int = 0) -> str:
-    """Fill `{index}`, `{drm+128}`, `{index*64+start*2+1}`: sums of variables times constants."""
+def expand(template: str, index: int, drm: int, start: int = 0, pci: str = "") -> str:
+    """Fill `{index}`, `{drm+128}`, `{index*64+start*2+1}` (sums of variables times constants) and `{pci}`."""
     bases = {"index": index, "drm": drm, "start": start}
+    template = template.replace(_PCI, pci)
 
     def value(match: re.Match[str]) -> str:
         total = 0
@@ -117,7 +120,8 @@ def expand(template: str, index: int, drm: int, start: int = 0) -> str:
             parsed = _TERM.match(term)
             if parsed is None:
                 raise ConfigError(
-                    template, f"cannot evaluate {term!r}: use index, drm, start, * and +"
+                    template,
+                    f"cannot evaluate {term!r}: use index, drm, start, * and +, or pci alone",
                 )
             variable, factor, constant = parsed.groups()
             total += bases[variable] * int(factor or 1) if variable else int(constant)
@@ -239,6 +243,7 @@ def _parse_model(key: str, fields: Fields) -> ModelSpec:
         interconnect=fields.string("interconnect", None),
         device_nodes=_parse_nodes(fields, "deviceNodes"),
         shared_device_nodes=_parse_nodes(fields, "sharedDeviceNodes"),
+        mounts=_parse_mounts(fields),
         env=tuple(fields.strings("env")),
         shared_env=tuple(fields.strings("sharedEnv")),
         claim_env=tuple(fields.string_map("claimEnv").items()),
@@ -310,6 +315,16 @@ def _parse_nodes(fields: Fields, key: str) -> tuple[NodeTemplate, ...]:
         )
         node.finish()
     return tuple(nodes)
+
+
+def _parse_mounts(fields: Fields) -> tuple[str, ...]:
+    mounts = []
+    for path, value in fields.items("mounts"):
+        # The simulated host is a /dev tree (--simulate-dev-root): nothing else has a place there.
+        if not isinstance(value, str) or not value.startswith("/dev/"):
+            raise ConfigError(path, "must be a path under /dev/")
+        mounts.append(value)
+    return tuple(mounts)
 
 
 @functools.cache
