@@ -8,6 +8,7 @@ loopback ports; `stop()` ends every process. The end-to-end tests, `unidra demo 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -134,6 +135,8 @@ class LocalCluster:
     bin_dir: Path
     workdir: Path
     node_name: str = "node-a"
+    # Without a kubelet the node is only a Node object: enough for drivers driven by a test client.
+    kubelet: bool = True
     components: dict[str, Component] = field(default_factory=dict)
     api_port: int = 0
 
@@ -183,7 +186,10 @@ class LocalCluster:
         try:
             self._make_credentials()
             self._start_control_plane(deadline)
-            self._start_node(deadline)
+            if self.kubelet:
+                self._start_node(deadline)
+            else:
+                self.kubectl("create", "-f", "-", input=json.dumps(_node_object(self.node_name)))
         except BaseException:
             self.stop()
             raise
@@ -238,12 +244,15 @@ class LocalCluster:
 
     def get_json(self, path: str) -> Any:
         """GET an API path as the cluster admin; None if the object does not exist."""
-        status, body = self._get(path, timeout=10)
-        if status == 404:
-            return None
-        if status != 200:
-            raise FatalError(f"GET {path}: the API server answered {status}: {body[:300]!r}")
-        return json.loads(body)
+        status, answer = self.request("GET", path)
+        return None if status == 404 else answer
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One JSON request as the cluster admin: (status, decoded answer); FatalError unless 2xx or 404."""
+        status, data = self._call(method, path, body, timeout=10)
+        if status != 404 and not 200 <= status < 300:
+            raise FatalError(f"{method} {path}: the API server answered {status}: {data[:300]!r}")
+        return status, json.loads(data) if data else None
 
     def token_kubeconfig(self, name: str, token: str) -> Path:
         """A kubeconfig that authenticates with a bearer token (a service account's, say)."""
@@ -448,17 +457,20 @@ class LocalCluster:
         self.components[name] = component
         component.start(self.workdir / "run" / name)
 
-    def _admin_tls(self) -> ssl.SSLContext:
+    @functools.cached_property
+    def _tls(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca.ca.cert))
         context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
         return context
 
-    def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
+    def _call(self, method: str, path: str, body: Any, timeout: float) -> tuple[int, bytes]:
         connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.api_port, context=self._admin_tls(), timeout=timeout
+            "127.0.0.1", self.api_port, context=self._tls, timeout=timeout
         )
         try:
-            connection.request("GET", path)
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload else {}
+            connection.request(method, path, body=payload, headers=headers)
             answer = connection.getresponse()
             return answer.status, answer.read()
         finally:
@@ -466,7 +478,7 @@ class LocalCluster:
 
     def _ready(self) -> bool:
         try:
-            return self._get("/readyz", timeout=2)[0] == 200
+            return self._call("GET", "/readyz", None, timeout=2)[0] == 200
         except OSError:
             return False
 
@@ -506,6 +518,14 @@ def _write_kubeconfig(
     }
     path.write_text(yaml.safe_dump(document))
     path.chmod(0o600)
+
+
+def _node_object(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+    }
 
 
 def mounts_under(directory: Path) -> list[str]:
