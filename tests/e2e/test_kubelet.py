@@ -88,8 +88,10 @@ def test_restarting_the_kubelet_registers_the_plugin_again(
     cluster.restart_kubelet()
     plugin.wait_registered(since=since)
     wait_published(cluster, 8)  # kubelet wiped the slices at start; the plugin put them back
-    _run_pod(cluster, "after-kubelet-restart")
+    claim, _ = _run_pod(cluster, "after-kubelet-restart")
     delete(cluster, "pod", "after-kubelet-restart", NS)
+    uid = claim["metadata"]["uid"]
+    wait_until(lambda: uid not in plugin.checkpoint(), timeout=30, what="unprepare")
 
 
 def test_sigterm_removes_the_plugins_sockets(cluster: LocalCluster, plugin: PluginProcess) -> None:

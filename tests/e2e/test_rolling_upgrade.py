@@ -19,6 +19,7 @@ from e2e.plugin import (
 )
 
 from driver.localcluster import LocalCluster
+from support.waiting import wait_until
 
 NS = "e2e-upgrade"
 OLD, NEW = "11111111-old0-4000-8000-000000000001", "22222222-new0-4000-8000-000000000002"
@@ -39,6 +40,9 @@ def test_pods_keep_starting_while_a_new_instance_takes_over(
     ensure_namespace(cluster, NS)
     apply(cluster, claim_template("one-gpu", NS, {"devices": {"requests": [device_request()]}}))
     old = PluginProcess(cluster, pod_uid=OLD, name="old").start()
+    # Kubelet unprepares a deleted pod's claims a little after the pod is gone; an earlier test's
+    # claim still holding a GPU would make a first prepare wait for it (a retry, and an event).
+    wait_until(lambda: not old.checkpoint(), timeout=60, what="earlier tests' claims to go")
     new = PluginProcess(cluster, pod_uid=NEW, name="new")
     wait_published(cluster, 8)
     started: list[str] = []
