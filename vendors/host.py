@@ -32,6 +32,42 @@ class Host:
         except OSError:
             return default
 
+    def number(self, absolute: str | Path) -> int | None:
+        """An integer sysfs file (`42`, `0x1a`), or None when it is missing or holds something else."""
+        text = self.read(absolute)
+        try:
+            return int(text, 0) if text else None
+        except ValueError:
+            return int(text) if text and text.isdigit() else None
+
+    def resolve(self, absolute: str) -> str | None:
+        """The host path of the file `absolute` leads to, following links as the host would.
+
+        An absolute link target means the host's /, not this process's: it is looked up under
+        the root again. None when the file does not exist or the links loop.
+        """
+        parts = [p for p in absolute.split("/") if p]
+        resolved: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part in (".", ".."):
+                resolved = resolved[:-1] if part == ".." else resolved
+                continue
+            candidate = self.path("/" + "/".join([*resolved, part]))
+            if not candidate.is_symlink():
+                resolved.append(part)
+                continue
+            hops += 1
+            if hops > 40:  # the kernel's own limit (ELOOP)
+                return None
+            target = os.readlink(candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                resolved = []
+        final = "/" + "/".join(resolved)
+        return final if self.path(final).exists() else None
+
     def char_major(self, name: str) -> int | None:
         """The major number /proc/devices gives a character driver (dynamic majors differ per boot)."""
         text = self.read("/proc/devices") or ""

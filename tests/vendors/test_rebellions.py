@@ -25,7 +25,9 @@ def atom(host: FakeHost) -> FakeHost:
         "/usr/bin/rbln-smi", f'[ "$1" = "-j" ] || exit 2\ncat {shlex.quote(str(json_file))}\n'
     )
     for bus in ("3b", "3c", "5e", "5f"):
-        host.pci(f"0000:{bus}:00.0", 0x1EFF, 0x1220, 0x120000, numa=0, driver="rebellions")
+        # rbln-smi reports the numa_node sysfs shows: -1 (unknown) for 5e.
+        numa = -1 if bus == "5e" else 0
+        host.pci(f"0000:{bus}:00.0", 0x1EFF, 0x1220, 0x120000, numa=numa, driver="rebellions")
     host.proc_devices({"rbln": 507})
     host.char_node("/dev/rbln0", 507, 0)
     return host
