@@ -140,7 +140,8 @@ class FakeDevice:
         return MemoryInfo(**self.data["memory"])
 
     def device_files(self) -> list[DeviceFile]:
-        return [DeviceFile(path) for path in device_files(self.dev_node_index())]
+        # Its own call in furiosa-smi: it works while dev_node_index() fails.
+        return [DeviceFile(path) for path in device_files(self.data["files_index"])]
 
     def liveness(self) -> bool:
         if self.data.get("gone"):
@@ -157,6 +158,8 @@ class FakeDevice:
 @contextlib.contextmanager
 def install(recording: dict[str, Any]) -> Iterator[types.ModuleType]:
     data = copy.deepcopy(recording)
+    for device in data["devices"]:
+        device["files_index"] = device["dev_node_index"]
     module = types.ModuleType("furiosa_smi")
     module.SmiError = SmiError
     for error in ERRORS.values():

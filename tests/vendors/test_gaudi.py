@@ -9,6 +9,7 @@ import pytest
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from support import faults
 from support.hosts import FakeHost
 from vendors.gaudi import GaudiBackend
 
@@ -88,3 +89,17 @@ def test_status_changes_are_health_events(board: FakeHost) -> None:
 def test_no_habanalabs_is_one_line(host: FakeHost) -> None:
     with pytest.raises(BackendUnavailable, match="habanalabs kernel driver is not loaded"):
         GaudiBackend(BackendContext(host_root=host.root))
+
+
+def test_every_optional_read_may_fail(board: FakeHost) -> None:
+    """The conformance property: each habanalabs sysfs file but the PCI identity failing in turn
+    loses no HPU (the serial number falls back to the PCI address, as the name does)."""
+
+    def build() -> GaudiBackend:
+        return GaudiBackend(BackendContext(host_root=board.root))
+
+    broken = faults.file_faults(board.root, lambda: build().discover())
+    assert {"serial_number", "module_id", "fw_os_ver", "version", "numa_node"} <= {
+        label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
+    }
+    assert conformance.check_optional_reads(build, broken) == len(broken)

@@ -12,6 +12,7 @@ import pytest
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from support import faults
 from support.hosts import FakeHost
 from vendors.rebellions import RebellionsBackend
 
@@ -97,3 +98,20 @@ def test_failing_cli_reports_its_own_words(host: FakeHost) -> None:
         BackendUnavailable, match="rbln-smi failed with exit code 3: rbln driver is not loaded"
     ):
         RebellionsBackend(BackendContext(host_root=host.root)).discover()
+
+
+def test_every_optional_read_may_fail(atom: FakeHost) -> None:
+    """The conformance property: each field of `rbln-smi -j` but the PCI address missing, "N/A"
+    or null in turn (the npu number and the device name each stand in for the other), and each
+    sysfs file failing, loses no NPU."""
+
+    def build() -> RebellionsBackend:
+        return RebellionsBackend(BackendContext(host_root=atom.root))
+
+    document = atom.root / "var/lib/fixture/rbln.json"
+    broken = faults.json_field_faults(document, "devices", frozenset({"devices.pci.bus_id"}))
+    assert {"devices.npu", "devices.device", "devices.memory.total", "KMD_version"} <= {
+        label.split(" ")[0] for label, _ in broken
+    }
+    broken += faults.file_faults(atom.root, lambda: build().discover())
+    assert conformance.check_optional_reads(build, broken) == len(broken)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from driver import conformance
 from driver.backends import BackendContext
+from support import faults
 from support.hosts import FakeHost
 from vendors.tpu import TpuBackend
 
@@ -49,3 +50,17 @@ def test_v4_on_accel_nodes(host: FakeHost) -> None:
         host.char_device(f"/sys/class/accel/accel{index}", 121, index)
     found = conformance.check(TpuBackend(BackendContext(host_root=host.root, node_name="n")))
     assert [d.model for d in found.devices] == ["TPU v4", "TPU v4"]
+
+
+def test_every_optional_read_may_fail(host: FakeHost) -> None:
+    """The conformance property: TPUs read little beyond their identity (PCI ids, accel or VFIO
+    group); what they do read, NUMA, may fail in turn without losing a chip."""
+    v6e_host(host)
+    host.file("/sys/devices/system/node/node0/cpulist", "0-15\n")
+
+    def build() -> TpuBackend:
+        return TpuBackend(BackendContext(host_root=host.root, node_name="tpu-node"))
+
+    broken = faults.file_faults(host.root, lambda: build().discover())
+    assert {"numa_node"} <= {label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken}
+    assert conformance.check_optional_reads(build, broken) == len(broken)

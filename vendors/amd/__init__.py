@@ -304,11 +304,9 @@ class AmdBackend:
             or self._sysfs_text(function, "vbios_version"),
             hive=_hive(read("amdsmi_get_xgmi_info", "xgmi_hive_id"))
             or _hive(self._sysfs_text(function, "xgmi_hive_info/xgmi_hive_id")),
-            partition_mode=str(
-                _known(read("amdsmi_get_gpu_compute_partition"))
-                or self._sysfs_text(function, "current_compute_partition")
-                or "SPX"
-            ).upper(),
+            partition_mode=_mode(read("amdsmi_get_gpu_compute_partition"))
+            or _mode(self._sysfs_text(function, "current_compute_partition"))
+            or "SPX",
             partition_index=_integer(read("amdsmi_get_gpu_kfd_info", "current_partition_id")) or 0,
             handle=handle,
         )
@@ -342,9 +340,8 @@ class AmdBackend:
                     driver_version=self._driver_version(),
                     firmware=self._sysfs_text(function, "vbios_version"),
                     hive=_hive(self._sysfs_text(function, "xgmi_hive_info/xgmi_hive_id")),
-                    partition_mode=(
-                        self._sysfs_text(function, "current_compute_partition") or "SPX"
-                    ).upper(),
+                    partition_mode=_mode(self._sysfs_text(function, "current_compute_partition"))
+                    or "SPX",
                 )
             )
         return gpus
@@ -466,6 +463,12 @@ def _kfd_target(node: dict[str, str]) -> str:
 def _kfd_units(node: dict[str, str]) -> int | None:
     simds, per_cu = _integer(node.get("simd_count")), _integer(node.get("simd_per_cu"))
     return simds // per_cu or None if simds and per_cu else None
+
+
+def _mode(value: Any) -> str | None:
+    """A compute partition mode amdgpu knows (SPX, DPX, TPX, QPX, CPX), or None."""
+    mode = str(value).strip().upper() if value is not None else ""
+    return mode if mode in ("SPX", "DPX", "TPX", "QPX", "CPX") else None
 
 
 def _mapping(value: Any) -> dict[str, Any]:
