@@ -71,12 +71,9 @@ def load_h200() -> dict[str, Any]:
     device["serial"] = probe["nvmlDeviceGetSerial"]
     device["gpuInstanceProfiles"] = {"0": probe["nvmlDeviceGetGpuInstanceProfileInfo"]}
     device["numGpuCores"] = int(_layout(r"nvmlDeviceGetNumGpuCores (\d+)"))
+    # What cuDeviceGetAttribute(MULTIPROCESSOR_COUNT) answered there, as hack/smoke-nvidia records it.
+    recording["cudaMultiprocessors"] = {H200_BDF: int(_layout(r"cuDeviceGetAttribute SM 0 (\d+)"))}
     return recording
-
-
-def h200_multiprocessors() -> int:
-    """What `cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)` answered on the H200 host."""
-    return int(_layout(r"cuDeviceGetAttribute SM 0 (\d+)"))
 
 
 def _layout(pattern: str) -> str:
@@ -90,6 +87,12 @@ class FakeCuda:
 
     def __init__(self, counts: dict[str, int]) -> None:
         self.counts = counts
+
+    @classmethod
+    def replaying(cls, recording: dict[str, Any]) -> FakeCuda:
+        """The answers a recording's "cudaMultiprocessors" holds (errors stay errors)."""
+        answers = recording.get("cudaMultiprocessors", {})
+        return cls({bdf: count for bdf, count in answers.items() if isinstance(count, int)})
 
     def multiprocessors(self, bdf: str) -> int:
         if bdf not in self.counts:

@@ -19,7 +19,7 @@ from driver import conformance
 from driver.backends import BackendContext
 from driver.conformance import Fault
 from driver.errors import BackendUnavailable, ConfigError
-from support import faults, nvml
+from support import commands, faults, nvml
 from support.hosts import FakeHost
 from vendors.nvidia import NvidiaBackend, capabilities, classify
 
@@ -343,14 +343,7 @@ def test_mig_profile_names(slices: int, mib: int, name: str) -> None:
 
 def test_the_smoke_recorder_writes_what_the_fake_replays(host: FakeHost) -> None:
     """hack/smoke-nvidia records NVML through the same pynvml calls; run against the fake, it reproduces the fixture."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "hack" / "smoke.py"
-    spec = importlib.util.spec_from_file_location("unidra_smoke", path)
-    assert spec is not None and spec.loader is not None
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    smoke = commands.hack_script("smoke.py")
     original = nvml.load("dgx-h100.json")
     with nvml.install(original):
         recorded = smoke.record_nvidia(host.root)

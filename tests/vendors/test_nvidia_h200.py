@@ -18,7 +18,7 @@ import pytest
 from driver import cdi, cli, conformance, slices
 from driver.backends import BackendContext
 from driver.errors import ConfigError
-from support import container, faults, nvml
+from support import commands, container, faults, nvml
 from support.hosts import FakeHost
 from vendors.nvidia import NvidiaBackend, driver_files
 from vendors.nvidia.cuda import CudaDriver, CudaError
@@ -42,9 +42,10 @@ def h200(host: FakeHost):  # type: ignore[no-untyped-def]
 
 
 def backend_on(host: FakeHost, cuda: bool = True, **options: str) -> NvidiaBackend:
-    counts = {BDF: nvml.h200_multiprocessors()} if cuda else {}
+    """The backend with CUDA answering as it did on the H200 host (132 SMs), or not at all."""
     context = BackendContext(host_root=host.root, node_name="gpu-node", options=options)
-    return NvidiaBackend(context, cuda=nvml.FakeCuda(counts))
+    answers = nvml.FakeCuda.replaying(nvml.load_h200()) if cuda else nvml.FakeCuda({})
+    return NvidiaBackend(context, cuda=answers)
 
 
 def test_unidra_inspect_lists_the_h200(h200, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
@@ -375,3 +376,20 @@ def test_a_missing_libcuda_is_one_error_remembered() -> None:
         with pytest.raises(CudaError, match=r"cannot load libcuda\.so\.1"):
             driver.multiprocessors(BDF)
     assert calls == ["libcuda.so.1"]  # tried once, not per GPU
+
+
+def test_the_recorder_keeps_what_the_h200_answered(h200) -> None:  # type: ignore[no-untyped-def]
+    """hack/smoke-nvidia now also records the core count, serial, affinities, MIG profiles and
+    CUDA's SM count; replayed, the recording gives the same GPU."""
+    host, _ = h200
+    recorded = commands.hack_script("smoke.py").record_nvidia(host.root)
+    [device] = recorded["devices"]
+    assert (device["numGpuCores"], device["serial"]) == (16896, "1653924120332")
+    assert device["gpuInstanceProfiles"]["0"]["name"] == "MIG 1g.18gb"
+    assert device["attributes"] == {"error": "NotSupported"}
+    assert device["cpuAffinity"] == {"error": "Unknown"}  # not in the recording it replays
+    assert recorded["cudaMultiprocessors"] == {BDF: {"error": "CudaError"}}  # no libcuda here
+    with nvml.install(recorded):
+        context = BackendContext(host_root=host.root)
+        [gpu] = NvidiaBackend(context, cuda=nvml.FakeCuda.replaying(recorded)).discover()
+    assert (gpu.name, gpu.compute_units, gpu.memory_bytes) == (NAME, 132, 150754820096)
