@@ -19,7 +19,6 @@ import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -110,7 +109,7 @@ class NvidiaBackend:
         self.host = Host(context.host_root)
         self.node_name = context.node_name
         self.ignored_xids = _xids(context.options.get("ignore-xids", ""))
-        self.driver_root = _driver_root(context.options.get("driver-root"))
+        self.driver_root = driver_files.driver_root(context.options.get("driver-root"))
         self.nvml = nvml or _import_pynvml()
         _init(self.nvml)
         self.reads = OptionalReads(log)
@@ -751,18 +750,6 @@ def _xids(option: str) -> frozenset[int]:
         raise ConfigError(
             "--backend-option", f"nvidia.ignore-xids={option}: expected Xid numbers such as 119,120"
         ) from None
-
-
-def _driver_root(option: str | None) -> str | None:
-    if not option:
-        return None
-    path = PurePosixPath(option)
-    if not path.is_absolute() or ".." in path.parts:
-        raise ConfigError(
-            "--backend-option",
-            f"nvidia.driver-root={option}: expected an absolute host path such as /run/nvidia/driver",
-        )
-    return str(path)
 
 
 def _import_pynvml() -> ModuleType:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import platform
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from driver.errors import ConfigError
 from driver.model import Hook, Mount
 from vendors import ldcache
 from vendors.host import Host
@@ -139,6 +140,8 @@ def locate(host: Host, version: str | None, driver_root: str | None = None) -> D
     libraries: dict[str, str] = {}
     sources: dict[str, str] = {}
     for pattern in (*REQUIRED_LIBRARIES, *OPTIONAL_LIBRARIES):
+        # Without NVML or the kernel module, the version is the suffix of libcuda's file.
+        version = version or _suffix_version(libraries.get("libcuda.so.1"))
         if "{version}" in pattern and not version:
             continue
         soname = pattern.format(version=version)
@@ -237,6 +240,24 @@ def _find_library(
         if real and host.path(real).is_file():
             return real
     return None
+
+
+def driver_root(option: str | None) -> str | None:
+    """The `nvidia.driver-root` option: an absolute host path, or ConfigError naming what is accepted."""
+    if not option:
+        return None
+    path = PurePosixPath(option)
+    if not path.is_absolute() or ".." in path.parts:
+        raise ConfigError(
+            "--backend-option",
+            f"nvidia.driver-root={option}: expected an absolute host path such as /run/nvidia/driver",
+        )
+    return str(path)
+
+
+def _suffix_version(path: str | None) -> str | None:
+    match = re.search(r"\.so\.(\d+\.\d+(?:\.\d+)?)$", path or "")
+    return match.group(1) if match else None
 
 
 def _folders(libraries: dict[str, str]) -> tuple[str, ...]:
