@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driver import cdi
+
 # LD_LIBRARY_PATH of NVIDIA's CUDA images (nvidia/cuda, Ubuntu and UBI alike).
 CUDA_IMAGE_LIBRARY_PATH = ("/usr/local/nvidia/lib", "/usr/local/nvidia/lib64")
 # glibc's trusted folders on Debian and Ubuntu (multiarch), searched without any configuration.
@@ -31,6 +33,8 @@ CUDA_IMAGE_PATH = (
 class Container:
     root: Path
     ld_cache_folders: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    other_hooks: list[list[str]] = field(default_factory=list)  # run by the runtime, not here
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -51,11 +55,26 @@ class Container:
         return None
 
 
+def claim_spec(backend: Any, devices: list[Any]) -> dict[str, Any]:
+    """The CDI spec a claim on `devices` of one backend gets, as prepare writes it."""
+    uid = "a4aefb74-52bd-4e94-8790-317e60438277"
+    entries = [
+        cdi.CdiDevice(cdi.device_name(uid, d.name), backend.device_edits(d)) for d in devices
+    ]
+    return cdi.build_claim_spec("unidra.dev", entries, backend.shared_edits(devices))
+
+
+def view(backend: Any, devices: list[Any], host_root: Path, root: Path) -> Container:
+    """What a container given a claim on `devices` sees."""
+    return resolve(claim_spec(backend, devices), host_root, root)
+
+
 def resolve(spec: dict[str, Any], host_root: Path, root: Path) -> Container:
     """Apply a claim spec's edits (the common ones, then every device's) to an empty `root`."""
     container = Container(root)
     edits = [spec.get("containerEdits") or {}, *(d["containerEdits"] for d in spec["devices"])]
     for edit in edits:
+        container.env += edit.get("env") or []
         for node in edit.get("deviceNodes") or []:
             target = container.path(node["path"])
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +89,9 @@ def resolve(spec: dict[str, Any], host_root: Path, root: Path) -> Container:
 
 
 def _run_hook(container: Container, args: list[str]) -> None:
-    assert args[0] == "nvidia-cdi-hook", f"unknown hook {args}"
+    if args[0] != "nvidia-cdi-hook":
+        container.other_hooks.append(args)
+        return
     options = list(zip(args[2::2], args[3::2], strict=True))
     if args[1] == "create-symlinks":
         for flag, value in options:

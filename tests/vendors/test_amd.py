@@ -12,6 +12,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
 from driver.model import HealthEvent
-from support import amdsmi_fake, faults
+from support import amdsmi_fake, container, faults
 from support.hosts import FakeHost
 from vendors.amd import AmdBackend
 
@@ -266,3 +267,17 @@ def test_every_optional_read_may_fail_with_sysfs_alone(
         label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
     }
     assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_rocm_container_gets_kfd_and_the_render_node(host: FakeHost, tmp_path: Path) -> None:
+    """ROCm's user space (libamdhip64.so, libhsa-runtime64.so) ships with the image and must
+    match it, not the host; from the host it needs /dev/kfd and the GPU's DRM nodes, which the
+    claim gives, and no host library."""
+    mi300x_host(host)
+    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")):
+        backend = AmdBackend(BackendContext(host_root=host.root))
+        spec = container.claim_spec(backend, list(backend.discover()[:1]))
+    seen = container.resolve(spec, host.root, tmp_path / "rootfs")
+    for node in ("/dev/kfd", "/dev/dri/renderD128", "/dev/dri/card1"):
+        assert seen.path(node).is_file(), node
+    assert not spec["containerEdits"].get("mounts") and seen.other_hooks == []

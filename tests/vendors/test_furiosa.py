@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from driver import conformance, inventory
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from support import faults, furiosa_fake
+from support import container, faults, furiosa_fake
 from support.hosts import FakeHost
 from vendors.furiosa import FuriosaBackend
 
@@ -141,3 +142,13 @@ def test_every_optional_read_may_fail(cards, host: FakeHost) -> None:  # type: i
     broken = faults.library_faults(sorted(calls - SMI_IDENTITY), SMI_ERRORS, install)
     broken += faults.file_faults(host.root, lambda: build().discover())
     assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_furiosa_container_gets_every_card_node(cards, host: FakeHost, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Furiosa runtime ships with the image and talks to the card through its /dev/rngd
+    nodes alone; no host library is mounted."""
+    backend, _ = cards
+    spec = container.claim_spec(backend, list(backend.discover()[:1]))
+    seen = container.resolve(spec, host.root, tmp_path / "rootfs")
+    assert all(seen.path(path).is_file() for path in furiosa_fake.device_files(0))
+    assert not spec.get("containerEdits", {}).get("mounts")

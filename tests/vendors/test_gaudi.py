@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from support import faults
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.gaudi import GaudiBackend
 
@@ -103,3 +104,16 @@ def test_every_optional_read_may_fail(board: FakeHost) -> None:
         label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
     }
     assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_gaudi_container_gets_its_nodes_env_and_the_vendor_hook(
+    board: FakeHost, tmp_path: Path
+) -> None:
+    """SynapseAI's user space ships with Habana's images; from the host a container needs the
+    accel, control and uverbs nodes, the visibility env, and habana-container-hook."""
+    backend = GaudiBackend(BackendContext(host_root=board.root))
+    seen = container.view(backend, list(backend.discover()[:2]), board.root, tmp_path / "rootfs")
+    for node in ("/dev/accel/accel0", "/dev/accel/accel_controlD1", "/dev/infiniband/uverbs1"):
+        assert seen.path(node).is_file(), node
+    assert "HABANA_VISIBLE_DEVICES=0,1" in seen.env
+    assert seen.other_hooks == [["habana-container-hook", "createRuntime"]]

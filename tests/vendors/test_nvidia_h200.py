@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from driver import cdi, cli, conformance, slices
+from driver import cli, conformance, slices
 from driver.backends import BackendContext
 from driver.errors import ConfigError
 from support import commands, container, faults, nvml
@@ -215,12 +215,7 @@ def test_uuid_and_minor_fall_back_to_proc(h200) -> None:  # type: ignore[no-unty
 
 
 def claim_spec(backend: NvidiaBackend) -> dict:  # type: ignore[type-arg]
-    devices = backend.discover()
-    uid = "a4aefb74-52bd-4e94-8790-317e60438277"
-    entries = [
-        cdi.CdiDevice(cdi.device_name(uid, d.name), backend.device_edits(d)) for d in devices
-    ]
-    return cdi.build_claim_spec("unidra.dev", entries, backend.shared_edits(devices))
+    return container.claim_spec(backend, list(backend.discover()))
 
 
 @pytest.mark.parametrize("hook", [False, True], ids=["no-cdi-hook (as on the H200)", "cdi-hook"])

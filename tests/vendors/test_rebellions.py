@@ -12,7 +12,7 @@ import pytest
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from support import faults
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.rebellions import RebellionsBackend
 
@@ -115,3 +115,11 @@ def test_every_optional_read_may_fail(atom: FakeHost) -> None:
     }
     broken += faults.file_faults(atom.root, lambda: build().discover())
     assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_rebellions_container_gets_its_npu_node(atom: FakeHost, tmp_path: Path) -> None:
+    """The RBLN runtime ships with the image; the claim gives the NPU's /dev/rbln node. Which
+    host files Rebellions' own container toolkit adds is not documented (docs/backends.md)."""
+    backend = RebellionsBackend(BackendContext(host_root=atom.root))
+    seen = container.view(backend, list(backend.discover()[:1]), atom.root, tmp_path / "rootfs")
+    assert seen.path("/dev/rbln0").is_file()

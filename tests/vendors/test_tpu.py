@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from driver import conformance
 from driver.backends import BackendContext
-from support import faults
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.tpu import TpuBackend
 
@@ -64,3 +66,13 @@ def test_every_optional_read_may_fail(host: FakeHost) -> None:
     broken = faults.file_faults(host.root, lambda: build().discover())
     assert {"numa_node"} <= {label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken}
     assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_tpu_container_gets_its_vfio_group_and_bounds(host: FakeHost, tmp_path: Path) -> None:
+    """libtpu ships with the image (pip); from the host it needs the chips' VFIO groups, the
+    VFIO container node and, for a subset of the host's chips, their bounds."""
+    v6e_host(host)
+    backend = TpuBackend(BackendContext(host_root=host.root, node_name="tpu-node"))
+    seen = container.view(backend, list(backend.discover()[:2]), host.root, tmp_path / "rootfs")
+    assert seen.path("/dev/vfio/0").is_file() and seen.path("/dev/vfio/vfio").is_file()
+    assert "TPU_VISIBLE_CHIPS=0,1" in seen.env and "TPU_HOST_BOUNDS=1,1,1" in seen.env
