@@ -7,6 +7,7 @@ from /proc/devices, so CDI specs carry type, major and minor even where the runt
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -15,21 +16,30 @@ from pathlib import Path
 
 from driver.errors import BackendUnavailable
 from driver.model import DeviceNode
+from driver.reads import OptionalReads
+
+log = logging.getLogger(__name__)
 
 
 class Host:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.reads = OptionalReads(log)
 
     def path(self, absolute: str) -> Path:
         """A host path (`/sys/...`) under the root prefix."""
         return self.root / absolute.lstrip("/")
 
     def read(self, absolute: str | Path, default: str | None = None) -> str | None:
+        """A file's text, or `default` when it is absent; a file that is there but cannot be
+        read (EACCES, EIO from a dead device) is logged once, then treated as absent."""
         path = absolute if isinstance(absolute, Path) else self.path(absolute)
         try:
             return path.read_text().strip()
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
+            return default
+        except (OSError, UnicodeDecodeError) as err:
+            self.reads.failed(str(path.parent), f"read {path.name}", err)
             return default
 
     def number(self, absolute: str | Path) -> int | None:
