@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -110,3 +111,22 @@ def test_daemon_serves_the_real_h200_recording(node, api: FakeApiServer, tmp_pat
             plugin.close()
         finally:
             instance.stop()
+
+
+def test_partitions_on_a_backend_that_cannot_prepare_them_is_one_warning(
+    node, api: FakeApiServer, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    host = rebellions_host(node.root / "host")
+    caplog.set_level(logging.WARNING, logger="driver.daemon")
+    instance = daemon.start(
+        node.settings(
+            backends=("rebellions",), backend_options={}, host_root=host.root, partitions=True
+        )
+    )
+    instance.stop()
+    warnings = [r.getMessage() for r in caplog.records if "--partitions" in r.getMessage()]
+    assert warnings == [
+        "--partitions: the rebellions backend cannot create partitions at prepare, so publish "
+        "none; partitions that already exist (MIG devices, AMD compute partitions) are "
+        "published as devices"
+    ]
