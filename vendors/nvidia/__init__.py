@@ -177,9 +177,10 @@ class NvidiaBackend:
                     gpus[mig.device.name] = mig
             else:
                 gpus[device.name] = _Gpu(device, info.handle, info.minor)
-        self._gpus, self._lost, self._files = gpus, lost, None
         for name, why in sorted(lost.items()):
-            log.warning("NVIDIA GPU published as lost", extra={"device": name, "reason": why})
+            if name not in self._lost:  # said once, not at every rediscovery
+                log.warning("NVIDIA GPU published as lost", extra={"device": name, "reason": why})
+        self._gpus, self._lost, self._files = gpus, lost, None
         return [gpu.device for gpu in gpus.values()]
 
     def _describe(self, index: int) -> _Info | None:
