@@ -180,7 +180,9 @@ class NvidiaBackend:
         for name, why in sorted(lost.items()):
             if name not in self._lost:  # said once, not at every rediscovery
                 log.warning("NVIDIA GPU published as lost", extra={"device": name, "reason": why})
-        self._gpus, self._lost, self._files = gpus, lost, None
+        self._gpus, self._lost = gpus, lost
+        if self._files is not None and self._files.missing():
+            self._files = None  # look again: a driver container may have finished installing
         return [gpu.device for gpu in gpus.values()]
 
     def _describe(self, index: int) -> _Info | None:
@@ -552,17 +554,19 @@ class NvidiaBackend:
         )
 
     def driver_files(self) -> driver_files.DriverFiles:
-        """The driver's libraries and binaries on the host, found once per discovery."""
+        """The driver's libraries and binaries on the host: found at first use, and again after a
+        rediscovery while some were missing (a driver upgrade restarts the plugin anyway)."""
         if self._files is None:
             version = self._system(
                 "nvmlSystemGetDriverVersion", self.nvml.nvmlSystemGetDriverVersion
             )
             self._files = driver_files.locate(self.host, version, self.driver_root)
             missing = self._files.missing()
-            if missing:
-                log.warning(
-                    "NVIDIA driver files missing: CUDA containers would fail to load them",
-                    extra={"missing": missing, "root": self._files.root},
+            if missing:  # once per set of missing files, not at every look
+                self.reads.failed(
+                    "driver files",
+                    f"locate {', '.join(missing)}",
+                    f"not found under {self._files.root}: CUDA containers would fail to load them",
                 )
         return self._files
 
