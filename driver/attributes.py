@@ -94,7 +94,8 @@ def describe_device(device: Device) -> dict[str, Any]:
     attributes = common_attributes(device)
     if device.uuid:
         attributes["uuid"] = _string(device.uuid)
-    attributes["index"] = {"int": device.index}
+    if device.index is not None:
+        attributes["index"] = {"int": device.index}
     if device.interconnect is not None:
         attributes["interconnect"] = _string(device.interconnect.technology)
         attributes["interconnectDomain"] = _string(device.interconnect.domain[:64])
@@ -103,11 +104,7 @@ def describe_device(device: Device) -> dict[str, Any]:
         attributes["partitionProfile"] = _string(device.partition_profile)
     if device.parent_uuid:
         attributes["parentUUID"] = _string(device.parent_uuid)
-    return {
-        "name": device.name,
-        "attributes": dict(sorted(attributes.items())),
-        "capacity": _capacity(device.memory_bytes, device.compute_units),
-    }
+    return _entry(device.name, attributes, _capacity(device.memory_bytes, device.compute_units))
 
 
 def describe_partition(partition: Partition) -> dict[str, Any]:
@@ -119,19 +116,30 @@ def describe_partition(partition: Partition) -> dict[str, Any]:
     attributes = common_attributes(partition.parent)
     attributes["partition"] = {"bool": True}
     attributes["partitionProfile"] = _string(partition.profile)
-    attributes["parentUUID"] = _string(partition.parent.uuid)
-    return {
-        "name": partition.name,
-        "attributes": dict(sorted(attributes.items())),
-        "capacity": _capacity(partition.memory_bytes, partition.compute_units),
-    }
+    if partition.parent.uuid:
+        attributes["parentUUID"] = _string(partition.parent.uuid)
+    return _entry(
+        partition.name, attributes, _capacity(partition.memory_bytes, partition.compute_units)
+    )
 
 
-def _capacity(memory: int, compute_units: int) -> dict[str, Any]:
-    return {
-        "computeUnits": {"value": quantities.canonical(compute_units)},
-        "memory": {"value": quantities.canonical(memory)},
-    }
+def _entry(
+    name: str, attributes: dict[str, dict[str, Any]], capacity: dict[str, Any]
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "attributes": dict(sorted(attributes.items()))}
+    if capacity:  # the API server drops an empty map, so a re-read would look like a change
+        entry["capacity"] = capacity
+    return entry
+
+
+def _capacity(memory: int | None, compute_units: int | None) -> dict[str, Any]:
+    """Capacities the device reported; an unknown one is left out, never published as 0."""
+    capacity: dict[str, Any] = {}
+    if compute_units:
+        capacity["computeUnits"] = {"value": quantities.canonical(compute_units)}
+    if memory:
+        capacity["memory"] = {"value": quantities.canonical(memory)}
+    return capacity
 
 
 def counters(values: Mapping[str, int]) -> dict[str, dict[str, str]]:

@@ -90,8 +90,9 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         "--partitions",
         action="store_true",
         default=_env("UNIDRA_PARTITIONS", "") in ("1", "true", "yes"),
-        help="also publish partitions (MIG, AMD compute partitions) sharing counters with their device; "
-        "needs Kubernetes 1.35+ with DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
+        help="also publish partitions sharing counters with their device, for the backends that can "
+        "prepare them (simulated, furiosa; see docs/backends.md); needs Kubernetes 1.35+ with "
+        "DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
     )
     _directory(
         parser,
@@ -323,6 +324,10 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     found = inventory.discover(built, partitions=args.partitions)
     failures.update(found.failures)
+    warning = inventory.partitions_warning(built) if args.partitions else None
+    if warning:
+        print(f"unidra: {warning}", file=sys.stderr)
+    partitions = list(found.partitions.values())
     if args.slices:
         print(
             inspect.slices_document(
@@ -331,10 +336,14 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         return 0
     if args.output in ("json", "yaml"):
-        print(inspect.devices_document(found.devices, {**not_picked, **failures}, args.output))
+        print(
+            inspect.devices_document(
+                found.devices, {**not_picked, **failures}, args.output, partitions
+            )
+        )
         return 0
     if found.devices:
-        print(inspect.table(found.devices))
+        print(inspect.table(found.devices, partitions))
     else:
         print("No accelerators found on this machine.")
     for name, reason in sorted({**not_picked, **failures}.items()):

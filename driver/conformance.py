@@ -2,13 +2,15 @@
 
 `check(backend)` discovers devices, publishes them as ResourceSlices (validated against the
 API server's rules), and builds the CDI spec a claim on every device would get (validated
-against the CDI rules Unidra relies on). It raises AssertionError naming what is wrong.
+against the CDI rules Unidra relies on). `check_optional_reads` makes each optional read fail
+in turn and checks that no device is lost. Both raise AssertionError naming what is wrong.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 
 from driver import cdi, inventory, slices, validation
 from driver.backends import Backend, Partitioner
@@ -20,6 +22,43 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 def check(backend: Backend, partitions: bool = True) -> inventory.Inventory:
     """Run the conformance checks; returns the inventory for further, backend-specific assertions."""
     found = inventory.discover([backend], partitions=partitions)
+    _check_inventory(backend, found)
+    for device in found.devices:
+        _check_edits(backend.device_edits(device), device.name)
+    _check_spec(backend, found.devices)
+    if isinstance(backend, Partitioner):
+        for partition in found.partitions.values():
+            _check_edits(backend.partition_edits(partition), partition.name)
+    return found
+
+
+# A read failing for one run, installed around backend construction and discovery.
+Fault = tuple[str, Callable[[], AbstractContextManager[object]]]
+
+
+def check_optional_reads(
+    build: Callable[[], Backend], faults: Iterable[Fault], partitions: bool = True
+) -> int:
+    """Only identity is required: with each optional read failing in turn (`faults`, one at a
+    time), the backend still discovers every device under the same name, and the slices of
+    its pool still pass the API server's validation. Returns how many faults were run."""
+    baseline = sorted(check(build(), partitions).by_name)
+    count = 0
+    for label, fault in faults:
+        with fault():
+            backend = build()
+            found = inventory.discover([backend], partitions=partitions)
+            assert sorted(found.by_name) == baseline, (
+                f"with {label}: discovered {sorted(found.by_name)}, not {baseline} "
+                f"(failures: {dict(found.failures)})"
+            )
+            _check_inventory(backend, found)
+        count += 1
+    assert count, "no faults to run"
+    return count
+
+
+def _check_inventory(backend: Backend, found: inventory.Inventory) -> None:
     assert not found.failures, f"discovery failed: {found.failures}"
     devices = found.devices
     assert devices, "the backend found no devices"
@@ -30,7 +69,12 @@ def check(backend: Backend, partitions: bool = True) -> inventory.Inventory:
         assert device.backend == backend.name, (
             f"{device.name}: backend is {device.backend!r}, not {backend.name!r}"
         )
-        assert device.memory_bytes > 0, f"{device.name}: no memory size"
+        assert device.memory_bytes is None or device.memory_bytes > 0, (
+            f"{device.name}: memory {device.memory_bytes}; None when unknown"
+        )
+        assert device.compute_units is None or device.compute_units > 0, (
+            f"{device.name}: {device.compute_units} compute units; None when unknown"
+        )
         assert device.numa_node is None or device.numa_node >= 0, (
             f"{device.name}: NUMA node {device.numa_node}"
         )
@@ -42,13 +86,6 @@ def check(backend: Backend, partitions: bool = True) -> inventory.Inventory:
         for c in contents
     ]
     validation.check_pool(objects)
-    for device in devices:
-        _check_edits(backend.device_edits(device), device.name)
-    _check_spec(backend, devices)
-    if isinstance(backend, Partitioner):
-        for partition in found.partitions.values():
-            _check_edits(backend.partition_edits(partition), partition.name)
-    return found
 
 
 def _check_edits(edits: ContainerEdits, name: str) -> None:

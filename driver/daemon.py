@@ -31,7 +31,7 @@ from driver.claims import ClaimRef
 from driver.control import ControlServer
 from driver.errors import ConfigError, FatalError, UnidraError
 from driver.health import HealthBoard, parse_policy
-from driver.inventory import LiveInventory
+from driver.inventory import LiveInventory, partitions_warning
 from driver.kubelet import sockets
 from driver.kubelet.health_stream import HEALTH_SERVICES, DeviceHealth, HealthStream
 from driver.kubelet.liveness import LivenessServer, SelfCheckingHealth
@@ -285,6 +285,9 @@ def _discover(settings: Settings) -> LiveInventory:
     )
     for name, reason in failures.items():
         log.error("Backend unavailable", extra={"backend": name, "reason": reason})
+    warning = partitions_warning(built) if settings.partitions else None
+    if warning:
+        log.warning(warning)
     live = LiveInventory(built, partitions=settings.partitions)
     current = live.current()
     if not current.devices:

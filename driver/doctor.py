@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driver import backends, control, inventory, kubeapi
+from driver import backends, control, inventory, kubeapi, pci
 from driver.backends import BackendContext
 from driver.errors import FatalError, UnidraError
 from driver.kubelet import sockets
@@ -62,6 +62,7 @@ def run(target: Target, api: Callable[[], kubeapi.SliceApi] | None = None) -> li
         *socket_paths(target),
         *runtime_cdi(target.host_root, target.cdi_root),
         *vendor_stacks(target),
+        *nvidia_driver(target),
         *running_daemon(target),
         *api_server(api),
     ]
@@ -257,6 +258,46 @@ def vendor_stacks(target: Target) -> list[Finding]:
             Finding(Status.WARN, "accelerators", "no supported accelerator on this node's PCI bus")
         )
     return findings
+
+
+# -- the NVIDIA driver's files -------------------------------------------------------------------
+
+
+def nvidia_driver(target: Target) -> list[Finding]:
+    """Where the NVIDIA driver's user-space files are, and whether a CUDA container gets all it loads."""
+    from vendors.host import Host
+    from vendors.nvidia import NvidiaBackend, driver_files
+
+    if target.vendors and "nvidia" not in target.vendors:
+        return []
+    if not target.vendors and not pci.select(pci.scan(target.host_root), NvidiaBackend.pci_matches):
+        return []
+    check = "NVIDIA driver files"
+    root = driver_files.driver_root((target.options or {}).get("nvidia", {}).get("driver-root"))
+    files = driver_files.locate(Host(target.host_root), None, root)
+    if not files.libraries:
+        return [
+            Finding(
+                Status.FAIL,
+                check,
+                f"no NVIDIA driver libraries under {target.host_root} (loader cache, "
+                f"{', '.join(driver_files.KNOWN_ROOTS)}, the usual folders): install the driver, "
+                "or name its root with --backend-option nvidia.driver-root=/run/nvidia/driver",
+            )
+        ]
+    where = (
+        f"driver {files.version or '(version unknown)'}, root {files.root}, libraries in "
+        f"{', '.join(files.library_folders)} (libcuda.so.1 from "
+        f"{files.sources.get('libcuda.so.1', 'nowhere')})"
+    )
+    missing = files.missing()
+    if missing:
+        return [
+            Finding(
+                Status.WARN, check, f"{where}; a CUDA container would lack {', '.join(missing)}"
+            )
+        ]
+    return [Finding(Status.OK, check, where)]
 
 
 # -- the daemon and the API server ---------------------------------------------------------------

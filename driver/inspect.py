@@ -10,7 +10,7 @@ import yaml
 
 from driver import slices, validation
 from driver.inventory import Inventory
-from driver.model import Device
+from driver.model import Device, Partition
 
 _COLUMNS = (
     "NAME",
@@ -33,21 +33,50 @@ def human_bytes(value: int) -> str:
     return f"{value} B"
 
 
-def table(devices: Sequence[Device]) -> str:
+def _known(value: int | None, shown: str) -> str:
+    return "-" if not value else shown
+
+
+def _device_row(d: Device) -> tuple[str, ...]:
+    return (
+        d.name,
+        d.vendor,
+        d.type.value,
+        d.model,
+        d.architecture,
+        _known(d.memory_bytes, human_bytes(d.memory_bytes or 0)),
+        _known(d.compute_units, str(d.compute_units)),
+        d.pci_bus_id or "-",
+        "-" if d.numa_node is None else str(d.numa_node),
+        f"{d.interconnect.technology}:{d.interconnect.domain}" if d.interconnect else "-",
+    )
+
+
+def _partition_row(p: Partition) -> tuple[str, ...]:
+    parent = p.parent
+    return (
+        p.name,
+        parent.vendor,
+        parent.type.value,
+        f"{parent.model} {p.profile} (partition)",
+        parent.architecture,
+        human_bytes(p.memory_bytes),
+        str(p.compute_units),
+        parent.pci_bus_id or "-",
+        "-" if parent.numa_node is None else str(parent.numa_node),
+        "-",
+    )
+
+
+def table(devices: Sequence[Device], partitions: Sequence[Partition] = ()) -> str:
+    """One row per device, each followed by the partitions carved from it (with --partitions)."""
+    by_parent: dict[str, list[Partition]] = {}
+    for partition in partitions:
+        by_parent.setdefault(partition.parent.name, []).append(partition)
     rows = [
-        (
-            d.name,
-            d.vendor,
-            d.type.value,
-            d.model,
-            d.architecture,
-            human_bytes(d.memory_bytes),
-            str(d.compute_units),
-            d.pci_bus_id or "-",
-            "-" if d.numa_node is None else str(d.numa_node),
-            f"{d.interconnect.technology}:{d.interconnect.domain}" if d.interconnect else "-",
-        )
+        row
         for d in devices
+        for row in [_device_row(d), *(_partition_row(p) for p in by_parent.get(d.name, ()))]
     ]
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
     lines = [
@@ -84,11 +113,44 @@ def device_json(device: Device) -> dict[str, Any]:
         ),
         "peers": list(device.peers),
         "extra": dict(device.extra),
+        "partitionProfile": device.partition_profile,
+        "parentUUID": device.parent_uuid,
+        # Offered by the hardware, not published: no backend creates partitions at prepare yet.
+        "offeredProfiles": [
+            {
+                "name": o.name,
+                "instances": o.instances,
+                "computeUnits": o.compute_units,
+                "memoryBytes": o.memory_bytes,
+            }
+            for o in device.offered_profiles
+        ],
     }
 
 
-def devices_document(devices: Sequence[Device], failures: Mapping[str, str], output: str) -> str:
-    document = {"devices": [device_json(d) for d in devices], "unavailableBackends": dict(failures)}
+def partition_json(partition: Partition) -> dict[str, Any]:
+    return {
+        "name": partition.name,
+        "parent": partition.parent.name,
+        "profile": partition.profile,
+        "placement": partition.placement,
+        "memoryBytes": partition.memory_bytes,
+        "computeUnits": partition.compute_units,
+        "consumes": dict(partition.consumes),
+    }
+
+
+def devices_document(
+    devices: Sequence[Device],
+    failures: Mapping[str, str],
+    output: str,
+    partitions: Sequence[Partition] = (),
+) -> str:
+    document = {
+        "devices": [device_json(d) for d in devices],
+        "partitions": [partition_json(p) for p in partitions],
+        "unavailableBackends": dict(failures),
+    }
     if output == "yaml":
         return yaml.safe_dump(document, sort_keys=False).rstrip()
     return json.dumps(document, indent=2)

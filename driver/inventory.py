@@ -80,6 +80,22 @@ def discover(backends: Sequence[Backend], partitions: bool = False) -> Inventory
     return Inventory(by_name=ordered, backends=working, failures=failures, layouts=layouts)
 
 
+def partitions_warning(backends: Sequence[Backend]) -> str | None:
+    """With --partitions: one line naming the running backends that publish no partitions, or None.
+
+    Only backends that can prepare a partition publish any; the others still publish the
+    partitions that already exist on the hardware (MIG devices, AMD CPX partitions) as devices.
+    """
+    missing = sorted(b.name for b in backends if not isinstance(b, Partitioner))
+    if not missing:
+        return None
+    return (
+        f"--partitions: the {', '.join(missing)} backend{'s' if len(missing) > 1 else ''} "
+        "cannot create partitions at prepare, so publish none; partitions that already exist "
+        "(MIG devices, AMD compute partitions) are published as devices"
+    )
+
+
 class LiveInventory:
     """The current inventory, swapped atomically when rediscovery finds a change (hot-plug)."""
 

@@ -263,14 +263,8 @@ class DeviceCollector(Collector):
                 ],
                 1.0,
             )
-            memory_limit.add_metric(
-                labels,
-                float(
-                    sample.memory_limit_bytes
-                    if sample and sample.memory_limit_bytes
-                    else device.memory_bytes
-                ),
-            )
+            limit = sample.memory_limit_bytes if sample else None
+            _add(memory_limit, labels, limit or device.memory_bytes)
             if sample is None:
                 continue
             _add(utilization, [*labels, "general"], sample.utilization)

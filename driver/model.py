@@ -35,6 +35,16 @@ class Interconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class OfferedProfile:
+    """A partition profile a device's library reports (NVML's GPU instance profiles), and how many fit."""
+
+    name: str
+    instances: int
+    compute_units: int | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     """One allocatable accelerator as discovered on this node."""
 
@@ -43,10 +53,11 @@ class Device:
     type: DeviceType
     model: str
     architecture: str
-    uuid: str
-    index: int
-    memory_bytes: int
-    compute_units: int
+    uuid: str  # "" when the device cannot tell (published without a uuid attribute)
+    index: int | None  # the vendor library's index; None when the library does not list the device
+    # None when the device could not tell: omitted from the slice, never published as 0.
+    memory_bytes: int | None
+    compute_units: int | None
     pci_bus_id: str | None = None
     pcie_root: str | None = None
     numa_node: int | None = None
@@ -63,6 +74,9 @@ class Device:
     partition_profile: str | None = None
     parent_uuid: str | None = None
     name_suffix: str = ""
+    # Partitions the hardware offers but that do not exist yet (MIG profiles with MIG mode off):
+    # shown by `unidra inspect`, never published, because no backend can create them at prepare yet.
+    offered_profiles: tuple[OfferedProfile, ...] = ()
 
     @property
     def name(self) -> str:

@@ -76,7 +76,7 @@ def read(host_root: Path, bdf: str) -> PciFunction | None:
         vendor=vendor,
         device=device,
         class_code=class_code,
-        numa_node=numa_node(path),
+        numa_node=function_numa(host_root, path),
         driver=_link_name(path / "driver"),
         pcie_root=pcie_root(host_root, bdf),
         sysfs=path,
@@ -91,6 +91,12 @@ def numa_node(sysfs_dir: Path) -> int | None:
         return None
 
 
+def function_numa(host_root: Path, sysfs_dir: Path) -> int | None:
+    """The function's NUMA node: sysfs `numa_node`, else the one node holding its local CPUs."""
+    node = numa_node(sysfs_dir)
+    return node if node is not None else numa_of_cpus(host_root, local_cpus(sysfs_dir))
+
+
 def parse_numa(value: object) -> int | None:
     """A NUMA node as sysfs or a vendor tool reports it; -1, empty and garbage mean unknown."""
     try:
@@ -98,6 +104,45 @@ def parse_numa(value: object) -> int | None:
     except (TypeError, ValueError):
         return None
     return number if number >= 0 else None
+
+
+def parse_cpulist(text: str) -> frozenset[int]:
+    """CPUs in the kernel's list format (`0-15,32-47`); empty for garbage."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, dash, last = part.partition("-")
+        try:
+            cpus.update(range(int(first), int(last if dash else first) + 1))
+        except ValueError:
+            return frozenset()
+    return frozenset(cpus)
+
+
+def local_cpus(sysfs_dir: Path) -> frozenset[int]:
+    """The CPUs local to a PCI function (`local_cpulist`); empty when sysfs does not say."""
+    try:
+        return parse_cpulist((sysfs_dir / "local_cpulist").read_text())
+    except OSError:
+        return frozenset()
+
+
+def numa_of_cpus(host_root: Path, cpus: frozenset[int]) -> int | None:
+    """The one NUMA node whose CPUs include `cpus`, from /sys/devices/system/node/node*/cpulist.
+
+    None when the CPUs span several nodes (a function local to every CPU says nothing about
+    its node), when no node lists them, or when the host shows no nodes: never a guess.
+    """
+    if not cpus:
+        return None
+    nodes = set()
+    for path in (host_root / "sys/devices/system/node").glob("node[0-9]*/cpulist"):
+        try:
+            node_cpus = parse_cpulist(path.read_text())
+        except OSError:
+            return None
+        if node_cpus & cpus:
+            nodes.add(int(path.parent.name[4:]))
+    return nodes.pop() if len(nodes) == 1 else None
 
 
 def pcie_root(host_root: Path, bdf: str) -> str | None:
@@ -118,6 +163,11 @@ def normalize_bdf(value: str) -> str:
     domain, _, bus = domain.rpartition(":") if domain.count(":") else ("", "", domain)
     domain = domain[-4:].rjust(4, "0") if domain else "0000"
     return f"{domain}:{bus.rjust(2, '0')}:{rest}"
+
+
+def is_bdf(value: str) -> bool:
+    """Whether `value` is a PCI address in kernel form (`dddd:bb:dd.f`)."""
+    return bool(_BDF.match(value))
 
 
 def select(functions: Sequence[PciFunction], matches: Sequence[PciMatch]) -> list[PciFunction]:

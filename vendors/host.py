@@ -7,6 +7,7 @@ from /proc/devices, so CDI specs carry type, major and minor even where the runt
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -15,22 +16,67 @@ from pathlib import Path
 
 from driver.errors import BackendUnavailable
 from driver.model import DeviceNode
+from driver.reads import OptionalReads
+
+log = logging.getLogger(__name__)
 
 
 class Host:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.reads = OptionalReads(log)
 
     def path(self, absolute: str) -> Path:
         """A host path (`/sys/...`) under the root prefix."""
         return self.root / absolute.lstrip("/")
 
     def read(self, absolute: str | Path, default: str | None = None) -> str | None:
+        """A file's text, or `default` when it is absent; a file that is there but cannot be
+        read (EACCES, EIO from a dead device) is logged once, then treated as absent."""
         path = absolute if isinstance(absolute, Path) else self.path(absolute)
         try:
             return path.read_text().strip()
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return default
+        except (OSError, UnicodeDecodeError) as err:
+            self.reads.failed(str(path.parent), f"read {path.name}", err)
+            return default
+
+    def number(self, absolute: str | Path) -> int | None:
+        """An integer sysfs file (`42`, `0x1a`), or None when it is missing or holds something else."""
+        text = self.read(absolute)
+        try:
+            return int(text, 0) if text else None
+        except ValueError:
+            return int(text) if text and text.isdigit() else None
+
+    def resolve(self, absolute: str) -> str | None:
+        """The host path of the file `absolute` leads to, following links as the host would.
+
+        An absolute link target means the host's /, not this process's: it is looked up under
+        the root again. None when the file does not exist or the links loop.
+        """
+        parts = [p for p in absolute.split("/") if p]
+        resolved: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part in (".", ".."):
+                resolved = resolved[:-1] if part == ".." else resolved
+                continue
+            candidate = self.path("/" + "/".join([*resolved, part]))
+            if not candidate.is_symlink():
+                resolved.append(part)
+                continue
+            hops += 1
+            if hops > 40:  # the kernel's own limit (ELOOP)
+                return None
+            target = os.readlink(candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                resolved = []
+        final = "/" + "/".join(resolved)
+        return final if self.path(final).exists() else None
 
     def char_major(self, name: str) -> int | None:
         """The major number /proc/devices gives a character driver (dynamic majors differ per boot)."""

@@ -152,3 +152,28 @@ def test_inspect_slices_with_partitions_as_json() -> None:
         False,
     ]
     assert sum(len(i["spec"].get("devices") or []) for i in items) == 208
+
+
+def test_inspect_partitions_shows_them_in_the_table_and_json() -> None:
+    table = unidra("inspect", "--simulate", "dgx-h100", "--partitions")
+    assert table.returncode == 0 and table.stderr == ""  # the simulated backend publishes them
+    rows = table.stdout.splitlines()
+    assert rows[1].startswith("gpu-0000-1b-00-0 ")
+    assert rows[2].split()[0] == "gpu-0000-1b-00-0-mig-1g10gb-0" and "(partition)" in rows[2]
+    document = json.loads(
+        unidra("inspect", "--simulate", "dgx-h100", "--partitions", "-o", "json").stdout
+    )
+    assert len(document["partitions"]) == 200
+    assert document["partitions"][0] | {"consumes": None} == {
+        "name": "gpu-0000-1b-00-0-mig-1g10gb-0",
+        "parent": "gpu-0000-1b-00-0",
+        "profile": "1g.10gb",
+        "placement": 0,
+        "memoryBytes": document["partitions"][0]["memoryBytes"],
+        "computeUnits": 16,
+        "consumes": None,
+    }
+    assert (
+        json.loads(unidra("inspect", "--simulate", "dgx-h100", "-o", "json").stdout)["partitions"]
+        == []
+    )

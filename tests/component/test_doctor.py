@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from driver import cli
+from support import nvml
 from support.apiserver import FakeApiServer
 from support.hosts import FakeHost
 
@@ -126,3 +127,51 @@ def test_an_api_server_without_resource_v1_is_a_problem(root: Path, capsys, tmp_
         code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
     assert code == 1
     assert "needs Kubernetes 1.34 or newer" in findings["API server"][1]
+
+
+def test_doctor_says_where_the_nvidia_driver_is(root: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """On the H200 host's layout (/usr/local/nvidia, its loader cache), without NVML loaded."""
+    host = nvml.h200_host(FakeHost(root / "host"))
+    host.file(
+        "/proc/driver/nvidia/version",
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build\n",
+    )
+    _, findings = doctor(capsys, root)
+    assert findings["NVIDIA driver files"] == (
+        "ok",
+        "driver 580.159.04, root /usr/local/nvidia, libraries in /usr/local/nvidia/lib64 "
+        "(libcuda.so.1 from the usual folders)",
+    )
+
+
+def test_doctor_warns_when_a_cuda_container_would_lack_a_library(root: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    host = nvml.h200_host(FakeHost(root / "host"))
+    for path in (host.root / "usr/local/nvidia/lib64").glob("libnvidia-nvvm.so*"):
+        path.unlink()
+    _, findings = doctor(capsys, root, "--vendors=nvidia")
+    status, detail = findings["NVIDIA driver files"]
+    assert status == "warn"
+    assert detail.startswith("driver 580.159.04, root /usr/local/nvidia")  # from libcuda's name
+    assert detail.endswith("; a CUDA container would lack libnvidia-nvvm.so.4")
+
+
+def test_doctor_without_nvidia_driver_files(root: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    FakeHost(root / "host").pci("0000:1b:00.0", 0x10DE, 0x2330, 0x030200, driver="nvidia")
+    code, findings = doctor(capsys, root, "--backend-option=nvidia.driver-root=/run/nvidia/driver")
+    status, detail = findings["NVIDIA driver files"]
+    assert code == 1 and status == "FAIL"
+    assert "no NVIDIA driver libraries under" in detail and "nvidia.driver-root=" in detail
+    assert (
+        cli.main(
+            [
+                "doctor",
+                f"--host-root={root / 'host'}",
+                "--backend-option=nvidia.driver-root=run/nvidia",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "unidra: invalid setting: --backend-option: nvidia.driver-root=run/nvidia: "
+        "expected an absolute host path such as /run/nvidia/driver\n"
+    )

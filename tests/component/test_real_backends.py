@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 from pathlib import Path
 
 from driver import backends, cdi, daemon
-from support import commands, kubelet
+from support import commands, container, kubelet, nvml
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.hosts import FakeHost
@@ -74,3 +75,58 @@ def test_daemon_serves_a_backend_it_picked_by_pci(node, api: FakeApiServer) -> N
         plugin.close()
     finally:
         instance.stop()
+
+
+def test_daemon_serves_the_real_h200_recording(node, api: FakeApiServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The H200 a real host answered for: published with 132 compute units, prepared with a CDI
+    spec a CUDA container can load the driver from, and unprepared."""
+    host = nvml.h200_host(FakeHost(node.root / "host"))
+    with nvml.install(nvml.load_h200()):
+        instance = daemon.start(node.settings(backends=(), backend_options={}, host_root=host.root))
+        try:
+            plugin = kubelet.wait_for_registration(node.registrar_dir)
+            [device] = wait_until(
+                lambda: [
+                    d
+                    for s in api.list("resource.k8s.io", "resourceslices")
+                    for d in s["spec"]["devices"]
+                ],
+                what="the H200 to be published",
+            )
+            assert device["name"] == "gpu-0000-00-06-0"
+            assert device["attributes"]["model"] == {"string": "NVIDIA H200"}
+            assert device["capacity"] == {
+                "computeUnits": {"value": "132"},
+                "memory": {"value": "150754820096"},
+            }
+            claim = allocated_claim(api, "h200", [result("gpu-0000-00-06-0", "node-a", "gpu")])
+            assert plugin.prepare([claim])[claim[2]].error == ""
+            path = node.cdi_root / cdi.spec_filename("unidra.dev", claim[2])
+            seen = container.resolve(json.loads(path.read_text()), host.root, tmp_path / "rootfs")
+            assert seen.find_library("libcuda.so.1") == "/usr/local/nvidia/lib64/libcuda.so.1"
+            assert seen.find_program("nvidia-smi") == "/usr/bin/nvidia-smi"
+            assert seen.path("/dev/nvidia0").is_file() and seen.path("/dev/nvidia-uvm").is_file()
+            assert plugin.unprepare([claim])[claim[2]].error == ""
+            assert not path.exists()
+            plugin.close()
+        finally:
+            instance.stop()
+
+
+def test_partitions_on_a_backend_that_cannot_prepare_them_is_one_warning(
+    node, api: FakeApiServer, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    host = rebellions_host(node.root / "host")
+    caplog.set_level(logging.WARNING, logger="driver.daemon")
+    instance = daemon.start(
+        node.settings(
+            backends=("rebellions",), backend_options={}, host_root=host.root, partitions=True
+        )
+    )
+    instance.stop()
+    warnings = [r.getMessage() for r in caplog.records if "--partitions" in r.getMessage()]
+    assert warnings == [
+        "--partitions: the rebellions backend cannot create partitions at prepare, so publish "
+        "none; partitions that already exist (MIG devices, AMD compute partitions) are "
+        "published as devices"
+    ]

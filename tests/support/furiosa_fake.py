@@ -47,6 +47,24 @@ class DeviceNotFoundError(SmiError):
     pass
 
 
+class DeviceNotAvailableError(SmiError):
+    pass
+
+
+class IoError(SmiError):
+    pass
+
+
+class UnexpectedValueError(SmiError):
+    pass
+
+
+ERRORS = {
+    e.__name__: e
+    for e in (DeviceNotFoundError, DeviceNotAvailableError, IoError, UnexpectedValueError)
+}
+
+
 @dataclass(frozen=True)
 class DeviceFile:
     path: str
@@ -72,8 +90,27 @@ class VersionInfo:
 
 
 class FakeDevice:
+    """One card; a recorded value {"error": "IoError"} makes that method raise, as furiosa-smi does."""
+
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
+
+    def __getattribute__(self, name: str) -> Any:
+        data = object.__getattribute__(self, "data")
+        key = {
+            "memory_usage": "memory",
+            "power_consumption": "power",
+            "device_temperature": "temperature",
+        }.get(name, name)
+        value = data.get(key) if not name.startswith("_") else None
+        if isinstance(value, dict) and set(value) == {"error"}:
+            error = ERRORS[value["error"]]
+
+            def fail(*args: Any) -> Any:
+                raise error(f"{name}: {value['error']}")
+
+            return fail
+        return object.__getattribute__(self, name)
 
     def uuid(self) -> str:
         return str(self.data["uuid"])
@@ -103,7 +140,8 @@ class FakeDevice:
         return MemoryInfo(**self.data["memory"])
 
     def device_files(self) -> list[DeviceFile]:
-        return [DeviceFile(path) for path in device_files(self.dev_node_index())]
+        # Its own call in furiosa-smi: it works while dev_node_index() fails.
+        return [DeviceFile(path) for path in device_files(self.data["files_index"])]
 
     def liveness(self) -> bool:
         if self.data.get("gone"):
@@ -120,11 +158,20 @@ class FakeDevice:
 @contextlib.contextmanager
 def install(recording: dict[str, Any]) -> Iterator[types.ModuleType]:
     data = copy.deepcopy(recording)
+    for device in data["devices"]:
+        device["files_index"] = device["dev_node_index"]
     module = types.ModuleType("furiosa_smi")
     module.SmiError = SmiError
-    module.DeviceNotFoundError = DeviceNotFoundError
+    for error in ERRORS.values():
+        setattr(module, error.__name__, error)
     module.list_devices = lambda: [FakeDevice(d) for d in data["devices"]]
-    module.driver_info = lambda: VersionInfo(**data["driver"])
+
+    def driver_info() -> VersionInfo:
+        if set(data["driver"]) == {"error"}:
+            raise ERRORS[data["driver"]["error"]]("driver_info")
+        return VersionInfo(**data["driver"])
+
+    module.driver_info = driver_info
     module.recording = data
     saved = sys.modules.get("furiosa_smi")
     sys.modules["furiosa_smi"] = module

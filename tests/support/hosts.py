@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+from collections.abc import Sequence
 from pathlib import Path
+
+X86_64_LIBC6 = 0x0303  # FLAG_ELF_LIBC6 | FLAG_X8664_LIB64, "(libc6,x86-64)" in `ldconfig -p`
 
 
 class FakeHost:
@@ -74,3 +78,30 @@ class FakeHost:
     def char_device(self, sysfs_dir: str, major: int, minor: int) -> None:
         """A class device's `dev` file, as /sys/class/<subsystem>/<name>/dev holds it."""
         self.file(f"{sysfs_dir}/dev", f"{major}:{minor}\n")
+
+    def ld_cache(self, entries: Sequence[tuple[str, str]], path: str = "/etc/ld.so.cache") -> Path:
+        """An ld.so.cache in glibc's current format, as ldconfig writes it: (soname, path) pairs."""
+        return self.file_bytes(path, ld_cache_bytes(entries))
+
+    def file_bytes(self, path: str, data: bytes) -> Path:
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return target
+
+
+def ld_cache_bytes(entries: Sequence[tuple[str, str]], flags: int = X86_64_LIBC6) -> bytes:
+    """glibc's "glibc-ld.so.cache1.1" layout: header, 24-byte entries, then the strings they point at."""
+    header_size, entry_size = 48, 24
+    strings = bytearray()
+    offsets = []
+    base = header_size + entry_size * len(entries)
+    for soname, path in entries:
+        key = base + len(strings)
+        strings += soname.encode() + b"\0"
+        value = base + len(strings)
+        strings += path.encode() + b"\0"
+        offsets.append((key, value))
+    header = struct.pack("<20sIIB3xI12x", b"glibc-ld.so.cache1.1", len(entries), len(strings), 2, 0)
+    body = b"".join(struct.pack("<iIIIQ", flags, key, value, 0, 0) for key, value in offsets)
+    return header + body + bytes(strings)

@@ -15,10 +15,17 @@ real ones. A recording is what hack/smoke-nvidia writes on a real node:
                                   placementSize, memory, attributes}],
                   "utilization": {gpu, memory}, "powerUsage", "totalEnergyConsumption",
                   "temperature", "eccErrors": {corrected, uncorrected}, "remappedRows": [4],
-                  "supportedEventTypes"}]}
+                  "supportedEventTypes", "numGpuCores", "serial", "cpuAffinity": [cpus],
+                  "memoryAffinity": [nodes],
+                  "gpuInstanceProfiles": {"<profile index>": {id, sliceCount, instanceCount,
+                                          multiprocessorCount, memorySizeMB, name, ...}}}]}
 
 Any value may instead be {"error": "NotSupported"} (an NVMLError name without its prefix): the
-C function then returns that error code, as the driver would.
+C function then returns that error code, as the driver would. A call the recording has no answer
+for returns NVML_ERROR_UNKNOWN: the fake never makes a value up. A GPU instance profile index
+missing from "gpuInstanceProfiles" answers NotSupported, as NVML does for profiles a GPU lacks.
+`failing[symbol] = "NoPermission"` makes one C function fail for every device, for tests that
+break one read at a time.
 """
 
 from __future__ import annotations
@@ -28,13 +35,19 @@ import copy
 import ctypes
 import json
 import queue
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pynvml
 
+from support.hosts import FakeHost
+from vendors.nvidia.cuda import CudaError
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia"
+H200 = FIXTURES / "h200"  # a copy of what a real H200 host answered (README.md there)
+H200_BDF = "0000:00:06.0"
 _DEVICE_BASE = 0x1000
 _MIG_BASE = 0x100000
 _GI_BASE = 0x200000
@@ -43,6 +56,90 @@ _SET_BASE = 0x300000
 
 def load(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / name).read_text())
+
+
+def load_h200() -> dict[str, Any]:
+    """The real H200's recording, plus the answers its probe.json and host-layout.txt add.
+
+    Everything here comes from those files: the serial, GPU instance profile index 0 (the one
+    profile the probe asked for), and the core count. NVML's CPU and memory affinity answered
+    there but their values were not written down, so the replay answers Unknown for them.
+    """
+    recording = json.loads((H200 / "recorded-h200.json").read_text())
+    probe = json.loads((H200 / "probe.json").read_text())
+    device = recording["devices"][0]
+    device["serial"] = probe["nvmlDeviceGetSerial"]
+    device["gpuInstanceProfiles"] = {"0": probe["nvmlDeviceGetGpuInstanceProfileInfo"]}
+    device["numGpuCores"] = int(_layout(r"nvmlDeviceGetNumGpuCores (\d+)"))
+    # What cuDeviceGetAttribute(MULTIPROCESSOR_COUNT) answered there, as hack/smoke-nvidia records it.
+    recording["cudaMultiprocessors"] = {H200_BDF: int(_layout(r"cuDeviceGetAttribute SM 0 (\d+)"))}
+    return recording
+
+
+def _layout(pattern: str) -> str:
+    match = re.search(pattern, (H200 / "host-layout.txt").read_text())
+    assert match is not None, pattern
+    return match.group(1)
+
+
+class FakeCuda:
+    """The CUDA driver API's SM counts by PCI address, as a host answered them."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    @classmethod
+    def replaying(cls, recording: dict[str, Any]) -> FakeCuda:
+        """The answers a recording's "cudaMultiprocessors" holds (errors stay errors)."""
+        answers = recording.get("cudaMultiprocessors", {})
+        return cls({bdf: count for bdf, count in answers.items() if isinstance(count, int)})
+
+    def multiprocessors(self, bdf: str) -> int:
+        if bdf not in self.counts:
+            raise CudaError(
+                "cuDeviceGetByPCIBusId returned CUresult 101"
+            )  # CUDA_ERROR_INVALID_DEVICE
+        return self.counts[bdf]
+
+
+def h200_host(host: FakeHost, hook: bool = False) -> FakeHost:
+    """The H200 VM's host tree as host-layout.txt shows it: the GPU at 0000:00:06.0 (numa_node -1,
+    local CPUs 0-15), /proc/driver/nvidia, the driver in /usr/local/nvidia (lib -> lib64), and the
+    loader cache entries `ldconfig -p` listed. `hook` adds an nvidia-cdi-hook, which that host lacked.
+    """
+    sysfs = host.pci(H200_BDF, 0x10DE, 0x2335, 0x030200, numa=-1, driver="nvidia", root_bus="00")
+    host.file(f"/{sysfs.relative_to(host.root)}/local_cpulist", "0-15\n")
+    layout = (H200 / "host-layout.txt").read_text()
+    information = layout.split("/information\n", 1)[1].split("+ ", 1)[0]
+    host.file(f"/proc/driver/nvidia/gpus/{H200_BDF}/information", information)
+    host.proc_devices({"nvidia-frontend": 195, "nvidia-uvm": 238})
+    version = "580.159.04"
+    lib = "/usr/local/nvidia/lib64"
+    for soname in (
+        "libcuda.so.1",
+        "libnvidia-ml.so.1",
+        "libnvidia-ptxjitcompiler.so.1",
+        "libnvidia-nvvm.so.4",
+        "libnvidia-opencl.so.1",
+    ):
+        base = soname.split(".so", 1)[0]
+        host.file(f"{lib}/{base}.so.{version}", f"ELF {base}\n")
+        host.link(f"{lib}/{soname}", f"{base}.so.{version}")
+    host.file(f"{lib}/libnvidia-pkcs11-openssl3.so.{version}", "ELF pkcs11\n")
+    host.link("/usr/local/nvidia/lib", "lib64")
+    host.file("/usr/local/nvidia/version", f"{version}\n")
+    for binary in (
+        "nvidia-smi",
+        "nvidia-debugdump",
+        "nvidia-cuda-mps-control",
+        "nvidia-cuda-mps-server",
+    ):
+        host.executable(f"/usr/local/nvidia/bin/{binary}", "exit 0\n")
+    cached = re.findall(r"^\t(\S+) \(libc6,x86-64\) => (\S+)$", layout, re.MULTILINE)
+    host.ld_cache(cached)
+    if hook:
+        host.executable("/usr/bin/nvidia-cdi-hook", "exit 0\n")
+    return host
 
 
 def _code(name: str) -> int:
@@ -58,10 +155,23 @@ class _Fail(Exception):
         self.code = code
 
 
+_NOT_RECORDED = {"error": "Unknown"}
+
+
 def _value(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"error"}:
         raise _Fail(_code(value["error"]))
     return value
+
+
+def _answer(record: dict[str, Any], key: str) -> Any:
+    """The recorded answer to one call, or NVML_ERROR_UNKNOWN when the recording has none."""
+    return _value(record.get(key, _NOT_RECORDED))
+
+
+def _fill(struct: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        setattr(struct, key, value.encode() if isinstance(value, str) else value)
 
 
 def _set_pointer(ref: Any, value: int) -> None:
@@ -85,6 +195,7 @@ class FakeNvmlLibrary:
         self.events: queue.Queue[tuple[int, int, int] | str] = queue.Queue()
         self.registered: dict[int, int] = {}
         self.calls: list[str] = []
+        self.failing: dict[str, str] = {}
 
     # Every attribute lookup is a C symbol; wrap it so recorded errors become return codes.
     def __getattr__(self, name: str) -> Any:
@@ -94,6 +205,8 @@ class FakeNvmlLibrary:
 
         def call(*args: Any) -> int:
             self.calls.append(name)
+            if name in self.failing:
+                return _code(self.failing[name])
             try:
                 return int(implementation(self, *args) or 0)
             except _Fail as failure:
@@ -131,10 +244,10 @@ class FakeNvmlLibrary:
         return 0
 
     def _nvmlSystemGetDriverVersion(self, buffer: Any, size: Any) -> None:
-        buffer.value = _value(self.recording["system"]["driverVersion"]).encode()
+        buffer.value = _answer(self.recording["system"], "driverVersion").encode()
 
     def _nvmlSystemGetCudaDriverVersion(self, ref: Any) -> None:
-        ref._obj.value = _value(self.recording["system"]["cudaDriverVersion"])
+        ref._obj.value = _answer(self.recording["system"], "cudaDriverVersion")
 
     def _nvmlDeviceGetCount_v2(self, ref: Any) -> None:
         ref._obj.value = len(self.recording["devices"])
@@ -148,22 +261,22 @@ class FakeNvmlLibrary:
 
     # -- identity -------------------------------------------------------------------------------
     def _nvmlDeviceGetUUID(self, handle: Any, buffer: Any, size: Any) -> None:
-        buffer.value = _value(self._any(handle)["uuid"]).encode()
+        buffer.value = _answer(self._any(handle), "uuid").encode()
 
     def _nvmlDeviceGetName(self, handle: Any, buffer: Any, size: Any) -> None:
-        buffer.value = _value(self._device(handle)["name"]).encode()
+        buffer.value = _answer(self._device(handle), "name").encode()
 
     def _nvmlDeviceGetIndex(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["index"])
+        ref._obj.value = _answer(self._device(handle), "index")
 
     def _nvmlDeviceGetMinorNumber(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["minor"])
+        ref._obj.value = _answer(self._device(handle), "minor")
 
     def _nvmlDeviceGetPciInfo_v3(self, handle: Any, ref: Any) -> None:
-        ref._obj.busId = _value(self._device(handle)["busId"]).encode()
+        ref._obj.busId = _answer(self._device(handle), "busId").encode()
 
     def _nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> None:
-        memory = _value(self._any(handle)["memory"])
+        memory = _answer(self._any(handle), "memory")
         ref._obj.total, ref._obj.free, ref._obj.used = (
             memory["total"],
             memory["free"],
@@ -171,24 +284,49 @@ class FakeNvmlLibrary:
         )
 
     def _nvmlDeviceGetArchitecture(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["architecture"])
+        ref._obj.value = _answer(self._device(handle), "architecture")
 
     def _nvmlDeviceGetCudaComputeCapability(self, handle: Any, major: Any, minor: Any) -> None:
-        major._obj.value, minor._obj.value = _value(self._device(handle)["cudaComputeCapability"])
+        major._obj.value, minor._obj.value = _answer(self._device(handle), "cudaComputeCapability")
 
     def _nvmlDeviceGetAttributes_v2(self, handle: Any, ref: Any) -> None:
-        for key, value in _value(self._any(handle)["attributes"]).items():
+        for key, value in _answer(self._any(handle), "attributes").items():
             setattr(ref._obj, key, value)
 
     def _nvmlDeviceGetNumaNodeId(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["numaNode"])
+        ref._obj.value = _answer(self._device(handle), "numaNode")
 
     def _nvmlDeviceGetVbiosVersion(self, handle: Any, buffer: Any, size: Any) -> None:
-        buffer.value = _value(self._device(handle)["vbiosVersion"]).encode()
+        buffer.value = _answer(self._device(handle), "vbiosVersion").encode()
+
+    def _nvmlDeviceGetSerial(self, handle: Any, buffer: Any, size: Any) -> None:
+        buffer.value = _answer(self._device(handle), "serial").encode()
+
+    def _nvmlDeviceGetNumGpuCores(self, handle: Any, ref: Any) -> None:
+        ref._obj.value = _answer(self._device(handle), "numGpuCores")
+
+    def _nvmlDeviceGetCpuAffinity(self, handle: Any, size: Any, ref: Any) -> None:
+        for cpu in _answer(self._device(handle), "cpuAffinity"):
+            ref._obj[cpu // 64] |= 1 << (cpu % 64)
+
+    def _nvmlDeviceGetMemoryAffinity(self, handle: Any, size: Any, ref: Any, scope: Any) -> None:
+        for node in _answer(self._device(handle), "memoryAffinity"):
+            ref._obj[node // 64] |= 1 << (node % 64)
 
     # -- MIG -----------------------------------------------------------------------------------------
+    def _nvmlDeviceGetGpuInstanceProfileInfoV(self, handle: Any, profile: Any, ref: Any) -> None:
+        profiles = _answer(self._device(handle), "gpuInstanceProfiles")
+        _fill(ref._obj, _value(profiles.get(str(_int(profile)), {"error": "NotSupported"})))
+
+    def _nvmlDeviceGetGpuInstanceProfileInfoByIdV(
+        self, handle: Any, profile_id: Any, ref: Any
+    ) -> None:
+        profiles = _answer(self._device(handle), "gpuInstanceProfiles").values()
+        matching = [p for p in profiles if isinstance(p, dict) and p.get("id") == _int(profile_id)]
+        _fill(ref._obj, _value(matching[0] if matching else {"error": "NotSupported"}))
+
     def _nvmlDeviceGetMigMode(self, handle: Any, current: Any, pending: Any) -> None:
-        current._obj.value, pending._obj.value = _value(self._device(handle)["migMode"])
+        current._obj.value, pending._obj.value = _answer(self._device(handle), "migMode")
 
     def _nvmlDeviceGetMaxMigDeviceCount(self, handle: Any, ref: Any) -> None:
         ref._obj.value = 7 if self._device(handle).get("migDevices") else 0
@@ -239,7 +377,7 @@ class FakeNvmlLibrary:
         ref._obj.value = self._link(handle, link)["remoteDeviceType"]
 
     def _nvmlDeviceGetGpuFabricInfoV(self, handle: Any, ref: Any) -> None:
-        fabric = _value(self._device(handle).get("fabric", {"error": "NotSupported"}))
+        fabric = _answer(self._device(handle), "fabric")
         info = ref._obj
         info.clusterUuid[:] = list(bytes.fromhex(fabric["clusterUuid"]))
         info.status, info.cliqueId, info.state = (
@@ -253,7 +391,7 @@ class FakeNvmlLibrary:
         _set_pointer(ref, _SET_BASE)
 
     def _nvmlDeviceGetSupportedEventTypes(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle).get("supportedEventTypes", 0))
+        ref._obj.value = _answer(self._device(handle), "supportedEventTypes")
 
     def _nvmlDeviceRegisterEvents(self, handle: Any, types: Any, event_set: Any) -> None:
         self.registered[_pointer(handle) - _DEVICE_BASE] = _int(types)
@@ -276,28 +414,28 @@ class FakeNvmlLibrary:
 
     # -- metrics -----------------------------------------------------------------------------------
     def _nvmlDeviceGetUtilizationRates(self, handle: Any, ref: Any) -> None:
-        utilization = _value(self._device(handle)["utilization"])
+        utilization = _answer(self._device(handle), "utilization")
         ref._obj.gpu, ref._obj.memory = utilization["gpu"], utilization["memory"]
 
     def _nvmlDeviceGetPowerUsage(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["powerUsage"])
+        ref._obj.value = _answer(self._device(handle), "powerUsage")
 
     def _nvmlDeviceGetTotalEnergyConsumption(self, handle: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["totalEnergyConsumption"])
+        ref._obj.value = _answer(self._device(handle), "totalEnergyConsumption")
 
     def _nvmlDeviceGetTemperature(self, handle: Any, sensor: Any, ref: Any) -> None:
-        ref._obj.value = _value(self._device(handle)["temperature"])
+        ref._obj.value = _answer(self._device(handle), "temperature")
 
     def _nvmlDeviceGetTotalEccErrors(
         self, handle: Any, error_type: Any, counter: Any, ref: Any
     ) -> None:
-        counts = _value(self._device(handle)["eccErrors"])
+        counts = _answer(self._device(handle), "eccErrors")
         ref._obj.value = counts["corrected" if _int(error_type) == 0 else "uncorrected"]
 
     def _nvmlDeviceGetRemappedRows(
         self, handle: Any, corrected: Any, uncorrected: Any, pending: Any, failed: Any
     ) -> None:
-        rows = _value(self._device(handle)["remappedRows"])
+        rows = _answer(self._device(handle), "remappedRows")
         corrected._obj.value, uncorrected._obj.value, pending._obj.value, failed._obj.value = rows
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
 from driver.model import HealthEvent
-from support import amdsmi_fake
+from support import amdsmi_fake, container, faults
 from support.hosts import FakeHost
 from vendors.amd import AmdBackend
 
@@ -219,3 +220,64 @@ def test_metrics_from_sysfs(host: FakeHost) -> None:
         sample.power_watts,
         sample.temperature_celsius,
     ) == (0.42, 1073741824, 551.0, 47.0)
+
+
+# amdsmi calls that name a GPU: its PCI address (the render node falls back to sysfs).
+AMDSMI_IDENTITY = {"bdf"}
+# amdsmi status codes: NOT_SUPPORTED, NO_PERM, UNKNOWN_ERROR.
+AMDSMI_ERRORS = ("2", "10", "4294967295")
+
+
+def test_every_optional_read_may_fail_with_amdsmi(host: FakeHost) -> None:
+    """The conformance property: each amdsmi call (but the PCI address) and each sysfs/KFD file
+    failing in turn for every GPU loses no GPU."""
+    mi300x_host(host)
+    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")) as fake:
+        processors = fake.state["recording"]["processors"]
+
+        def build() -> AmdBackend:
+            return AmdBackend(BackendContext(host_root=host.root))
+
+        def install(key: str, code: str) -> Callable[[], None]:
+            saved = [dict(p) for p in processors]
+            for processor in processors:
+                processor[key] = {"error": int(code)}
+            return lambda: [p.update(s) for p, s in zip(processors, saved, strict=True)]  # type: ignore[func-returns-value]
+
+        keys = sorted(set(processors[0]) - AMDSMI_IDENTITY)
+        broken = faults.library_faults(keys, AMDSMI_ERRORS, install)
+        broken += faults.file_faults(host.root, lambda: build().discover())
+        assert len(broken) > 40
+        assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_every_optional_read_may_fail_with_sysfs_alone(
+    host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vendors.amd
+
+    mi300x_host(host)
+    monkeypatch.setattr(vendors.amd, "_import_amdsmi", lambda: None)
+
+    def build() -> AmdBackend:
+        return AmdBackend(BackendContext(host_root=host.root))
+
+    broken = faults.file_faults(host.root, lambda: build().discover())
+    assert {"product_name", "properties", "vbios_version"} <= {
+        label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
+    }
+    assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_rocm_container_gets_kfd_and_the_render_node(host: FakeHost, tmp_path: Path) -> None:
+    """ROCm's user space (libamdhip64.so, libhsa-runtime64.so) ships with the image and must
+    match it, not the host; from the host it needs /dev/kfd and the GPU's DRM nodes, which the
+    claim gives, and no host library."""
+    mi300x_host(host)
+    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")):
+        backend = AmdBackend(BackendContext(host_root=host.root))
+        spec = container.claim_spec(backend, list(backend.discover()[:1]))
+    seen = container.resolve(spec, host.root, tmp_path / "rootfs")
+    for node in ("/dev/kfd", "/dev/dri/renderD128", "/dev/dri/card1"):
+        assert seen.path(node).is_file(), node
+    assert not spec["containerEdits"].get("mounts") and seen.other_hooks == []

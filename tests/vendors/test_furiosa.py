@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from driver import conformance, inventory
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from support import furiosa_fake
+from support import container, faults, furiosa_fake
 from support.hosts import FakeHost
 from vendors.furiosa import FuriosaBackend
 
@@ -98,3 +100,55 @@ def test_missing_library_is_one_line(host: FakeHost, monkeypatch: pytest.MonkeyP
         BackendUnavailable, match=r"furiosa-smi is not installed: pip install 'unidra\[furiosa\]'"
     ):
         FuriosaBackend(BackendContext(host_root=host.root))
+
+
+# furiosa-smi calls that name an NPU: its PCI address and device files.
+SMI_IDENTITY = {"bdf", "device_files"}
+SMI_ERRORS = ("DeviceNotAvailableError", "IoError", "UnexpectedValueError")
+
+
+def test_every_optional_read_may_fail(cards, host: FakeHost) -> None:  # type: ignore[no-untyped-def]
+    """The conformance property: each furiosa-smi call but the identity ones raising, and each
+    sysfs file failing, in turn loses no NPU."""
+    _, smi = cards
+    recording = smi.recording
+
+    def build() -> FuriosaBackend:
+        return FuriosaBackend(BackendContext(host_root=host.root))
+
+    def install(key: str, error: str) -> Callable[[], None]:
+        owners = [recording] if key == "driver" else recording["devices"]
+        saved = [owner[key] for owner in owners]
+        for owner in owners:
+            owner[key] = {"error": error}
+
+        def undo() -> None:
+            for owner, value in zip(owners, saved, strict=True):
+                owner[key] = value
+
+        return undo
+
+    calls = {
+        "uuid",
+        "arch",
+        "product_name",
+        "core_num",
+        "numa_node",
+        "dev_node_index",
+        "firmware_version",
+        "memory",
+        "driver",
+    }
+    broken = faults.library_faults(sorted(calls - SMI_IDENTITY), SMI_ERRORS, install)
+    broken += faults.file_faults(host.root, lambda: build().discover())
+    assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_furiosa_container_gets_every_card_node(cards, host: FakeHost, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Furiosa runtime ships with the image and talks to the card through its /dev/rngd
+    nodes alone; no host library is mounted."""
+    backend, _ = cards
+    spec = container.claim_spec(backend, list(backend.discover()[:1]))
+    seen = container.resolve(spec, host.root, tmp_path / "rootfs")
+    assert all(seen.path(path).is_file() for path in furiosa_fake.device_files(0))
+    assert not spec.get("containerEdits", {}).get("mounts")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.gaudi import GaudiBackend
 
@@ -88,3 +90,30 @@ def test_status_changes_are_health_events(board: FakeHost) -> None:
 def test_no_habanalabs_is_one_line(host: FakeHost) -> None:
     with pytest.raises(BackendUnavailable, match="habanalabs kernel driver is not loaded"):
         GaudiBackend(BackendContext(host_root=host.root))
+
+
+def test_every_optional_read_may_fail(board: FakeHost) -> None:
+    """The conformance property: each habanalabs sysfs file but the PCI identity failing in turn
+    loses no HPU (the serial number falls back to the PCI address, as the name does)."""
+
+    def build() -> GaudiBackend:
+        return GaudiBackend(BackendContext(host_root=board.root))
+
+    broken = faults.file_faults(board.root, lambda: build().discover())
+    assert {"serial_number", "module_id", "fw_os_ver", "version", "numa_node"} <= {
+        label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
+    }
+    assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_gaudi_container_gets_its_nodes_env_and_the_vendor_hook(
+    board: FakeHost, tmp_path: Path
+) -> None:
+    """SynapseAI's user space ships with Habana's images; from the host a container needs the
+    accel, control and uverbs nodes, the visibility env, and habana-container-hook."""
+    backend = GaudiBackend(BackendContext(host_root=board.root))
+    seen = container.view(backend, list(backend.discover()[:2]), board.root, tmp_path / "rootfs")
+    for node in ("/dev/accel/accel0", "/dev/accel/accel_controlD1", "/dev/infiniband/uverbs1"):
+        assert seen.path(node).is_file(), node
+    assert "HABANA_VISIBLE_DEVICES=0,1" in seen.env
+    assert seen.other_hooks == [["habana-container-hook", "createRuntime"]]

@@ -9,6 +9,7 @@ import pytest
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from support import faults
 from support.hosts import FakeHost
 from vendors.intel_gpu import IntelGpuBackend
 
@@ -98,3 +99,17 @@ def test_no_intel_driver_is_one_line(host: FakeHost) -> None:
         BackendUnavailable, match="neither the i915 nor the xe kernel driver is loaded"
     ):
         IntelGpuBackend(BackendContext(host_root=host.root))
+
+
+def test_every_optional_read_may_fail(node: FakeHost) -> None:
+    """The conformance property: each sysfs file but the PCI identity missing, unreadable,
+    failing or garbage in turn loses no GPU."""
+
+    def build() -> IntelGpuBackend:
+        return IntelGpuBackend(BackendContext(host_root=node.root, node_name="node-a"))
+
+    broken = faults.file_faults(node.root, lambda: build().discover())
+    assert {"version", "physical_vram_size_bytes", "numa_node"} <= {
+        label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken
+    }
+    assert conformance.check_optional_reads(build, broken) == len(broken)

@@ -8,15 +8,18 @@ every error path: library or driver missing, no permission, GPU lost mid-discove
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
 import pynvml
 import pytest
 
 from driver import conformance
 from driver.backends import BackendContext
+from driver.conformance import Fault
 from driver.errors import BackendUnavailable, ConfigError
-from support import nvml
+from support import commands, faults, nvml
 from support.hosts import FakeHost
 from vendors.nvidia import NvidiaBackend, capabilities, classify
 
@@ -125,9 +128,24 @@ def test_cdi_edits_for_the_node_and_driver_files(dgx) -> None:  # type: ignore[n
         "/usr/lib/x86_64-linux-gnu/libcuda.so.570.86.15" in mounted
         and "/usr/bin/nvidia-smi" in mounted
     )
+    # With nvidia-cdi-hook on the host, the hook makes the sonames and refreshes the loader cache.
+    folder = "/usr/lib/x86_64-linux-gnu"
     assert [h.args for h in shared.hooks] == [
-        ("nvidia-cdi-hook", "update-ldcache", "--folder", "/usr/lib/x86_64-linux-gnu")
+        (
+            "nvidia-cdi-hook",
+            "create-symlinks",
+            "--link",
+            f"libcuda.so.570.86.15::{folder}/libcuda.so.1",
+            "--link",
+            f"libcuda.so.1::{folder}/libcuda.so",
+            "--link",
+            f"libnvidia-ml.so.570.86.15::{folder}/libnvidia-ml.so.1",
+            "--link",
+            f"libnvidia-ptxjitcompiler.so.570.86.15::{folder}/libnvidia-ptxjitcompiler.so.1",
+        ),
+        ("nvidia-cdi-hook", "update-ldcache", "--folder", folder),
     ]
+    assert backend.driver_files().missing() == ["libnvidia-nvvm.so.4"]
 
 
 def test_health_events_from_nvml(dgx) -> None:  # type: ignore[no-untyped-def]
@@ -230,15 +248,51 @@ def test_library_really_absent_on_this_machine(host: FakeHost) -> None:
         NvidiaBackend(BackendContext(host_root=host.root))
 
 
-def test_gpu_lost_mid_discovery_hides_only_that_gpu(host: FakeHost) -> None:
+def test_a_gpu_lost_mid_discovery_is_published_unhealthy_not_hidden(host: FakeHost) -> None:
+    dgx_host(host)
+    recording = nvml.load("dgx-h100.json")
+    recording["devices"][4]["handle"] = {"error": "GpuIsLost"}  # NVML cannot even open it
+    recording["devices"][5]["memory"] = {"error": "GpuIsLost"}  # it falls off mid-discovery
+    host.file(
+        "/proc/driver/nvidia/gpus/0000:9d:00.0/information",
+        "Model: \t\t NVIDIA H100 80GB HBM3\nGPU UUID: \t GPU-3f1b3c2e-4d5a-6b7c-8d9e-0f1a2b3c4d5e\n"
+        "Device Minor: \t 4\nGPU Excluded:\t No\n",
+    )
+    with nvml.install(recording):
+        backend = NvidiaBackend(BackendContext(host_root=host.root))
+        devices = {d.name: d for d in backend.discover()}
+        assert len(devices) == 9  # nothing hidden
+        swept = devices["gpu-0000-9d-00-0"]  # named by the kernel driver's /proc entry
+        assert (swept.uuid, swept.model, swept.index) == (
+            "GPU-3f1b3c2e-4d5a-6b7c-8d9e-0f1a2b3c4d5e",
+            "NVIDIA H100 80GB HBM3",
+            None,
+        )
+        fell = devices["gpu-0000-c3-00-0"]
+        assert fell.uuid.startswith("GPU-") and fell.memory_bytes is None
+        for name in ("gpu-0000-9d-00-0", "gpu-0000-c3-00-0"):
+            with pytest.raises(BackendUnavailable, match="cannot be used"):
+                backend.device_edits(devices[name])
+        stop = threading.Event()
+        events = backend.health_events(stop)
+        lost = [next(events), next(events)]
+        stop.set()
+        events.close()
+    assert sorted((e.device, e.kind, e.healthy) for e in lost) == [
+        ("gpu-0000-9d-00-0", "lost", False),
+        ("gpu-0000-c3-00-0", "lost", False),
+    ]
+    assert "GPU is lost" in lost[0].message or "does not list it" in lost[0].message
+
+
+def test_an_excluded_gpu_is_not_reported_lost(host: FakeHost) -> None:
     dgx_host(host)
     recording = nvml.load("dgx-h100.json")
     recording["devices"][4]["handle"] = {"error": "GpuIsLost"}
-    recording["devices"][5]["busId"] = {"error": "GpuIsLost"}
+    host.file("/proc/driver/nvidia/gpus/0000:9d:00.0/information", "GPU Excluded:\t Yes\n")
     with nvml.install(recording):
         names = [d.name for d in NvidiaBackend(BackendContext(host_root=host.root)).discover()]
-    assert "gpu-0000-9d-00-0" not in names and "gpu-0000-c3-00-0" not in names
-    assert "gpu-0000-d1-00-0" in names and len(names) == 7
+    assert "gpu-0000-9d-00-0" not in names and len(names) == 8
 
 
 def test_unknown_numa_is_not_published_as_minus_one(host: FakeHost) -> None:
@@ -289,14 +343,7 @@ def test_mig_profile_names(slices: int, mib: int, name: str) -> None:
 
 def test_the_smoke_recorder_writes_what_the_fake_replays(host: FakeHost) -> None:
     """hack/smoke-nvidia records NVML through the same pynvml calls; run against the fake, it reproduces the fixture."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "hack" / "smoke.py"
-    spec = importlib.util.spec_from_file_location("unidra_smoke", path)
-    assert spec is not None and spec.loader is not None
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    smoke = commands.hack_script("smoke.py")
     original = nvml.load("dgx-h100.json")
     with nvml.install(original):
         recorded = smoke.record_nvidia(host.root)
@@ -320,3 +367,84 @@ def test_the_smoke_recorder_writes_what_the_fake_replays(host: FakeHost) -> None
     with nvml.install(recorded):  # and the recording replays into the same devices
         replayed = NvidiaBackend(BackendContext(host_root=dgx_host(host).root)).discover()
     assert len(replayed) == 9
+
+
+# What names a GPU (and a MIG device): the only NVML calls a device may be skipped for.
+NVML_IDENTITY = {
+    "nvmlInitWithFlags",
+    "nvmlShutdown",
+    "nvmlDeviceGetCount_v2",
+    "nvmlDeviceGetHandleByIndex_v2",
+    "nvmlDeviceGetPciInfo_v3",
+    "nvmlDeviceGetUUID",
+    "nvmlDeviceGetMinorNumber",
+    "nvmlDeviceGetMigDeviceHandleByIndex",
+    "nvmlDeviceGetGpuInstanceId",
+    "nvmlDeviceGetComputeInstanceId",
+    "nvmlDeviceGetGpuInstanceById",
+    "nvmlGpuInstanceGetInfo",
+}
+
+
+def nvml_faults(library: nvml.FakeNvmlLibrary, discover: Callable[[], object]) -> list[Fault]:
+    """Every non-identity NVML call discovery makes, failing with NotSupported, Unknown, NoPermission."""
+    library.calls.clear()
+    discover()
+
+    def install(call: str, error: str) -> Callable[[], None]:
+        library.failing[call] = error
+        return lambda: library.failing.pop(call)
+
+    return faults.library_faults(
+        sorted(set(library.calls) - NVML_IDENTITY), faults.NVML_ERRORS, install
+    )
+
+
+def test_every_optional_read_may_fail(host: FakeHost) -> None:
+    """The conformance property on the DGX recording: each non-identity NVML call and file read
+    failing in turn loses no GPU and no MIG device, and the slices still validate."""
+    dgx_host(host)
+    with nvml.install(nvml.load("dgx-h100.json")) as library:
+
+        def build() -> NvidiaBackend:
+            context = BackendContext(host_root=host.root, node_name="node-a")
+            return NvidiaBackend(context, cuda=nvml.FakeCuda({}))  # no CUDA: NVML's count
+
+        broken = nvml_faults(library, lambda: build().discover())
+        broken += faults.file_faults(host.root, lambda: build().discover())
+        assert {label.split(" ")[0] for label, _ in broken} >= {
+            "nvmlDeviceGetAttributes_v2",
+            "nvmlDeviceGetMigMode",
+            "nvmlDeviceGetNumaNodeId",
+            "12",  # x numa_node: eight GPUs and four NVSwitches
+        }
+        assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_failed_read_is_logged_once_per_device_with_the_call_and_error(
+    host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    dgx_host(host)
+    with nvml.install(nvml.load("dgx-h100.json")) as library:
+        library.failing["nvmlDeviceGetVbiosVersion"] = "NoPermission"
+        backend = NvidiaBackend(BackendContext(host_root=host.root))
+        caplog.set_level(logging.WARNING, logger="vendors.nvidia")
+        backend.discover()
+        backend.discover()  # rediscovery does not repeat it
+    logged = [
+        (r.__dict__["device"], r.__dict__["error"])
+        for r in caplog.records
+        if r.__dict__.get("call") == "nvmlDeviceGetVbiosVersion"
+    ]
+    assert len(logged) == 8 and len({device for device, _ in logged}) == 8
+    assert logged[0] == ("0000:1b:00.0", "NVMLError_NoPermission: Insufficient Permissions")
+
+
+def test_mig_mode_unreadable_still_finds_the_mig_devices(dgx) -> None:  # type: ignore[no-untyped-def]
+    backend, library = dgx
+    library.failing["nvmlDeviceGetMigMode"] = "Unknown"
+    library.failing["nvmlDeviceGetAttributes_v2"] = "NotSupported"
+    devices = {d.name: d for d in backend.discover()}
+    mig = devices["gpu-0000-df-00-0-mig-3g40gb-4"]  # profile from the GPU instance profile
+    assert mig.compute_units == 60 and mig.partition_profile == "3g.40gb"
+    assert "gpu-0000-df-00-0" not in devices

@@ -12,6 +12,7 @@ import pytest
 from driver import conformance
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.rebellions import RebellionsBackend
 
@@ -25,7 +26,9 @@ def atom(host: FakeHost) -> FakeHost:
         "/usr/bin/rbln-smi", f'[ "$1" = "-j" ] || exit 2\ncat {shlex.quote(str(json_file))}\n'
     )
     for bus in ("3b", "3c", "5e", "5f"):
-        host.pci(f"0000:{bus}:00.0", 0x1EFF, 0x1220, 0x120000, numa=0, driver="rebellions")
+        # rbln-smi reports the numa_node sysfs shows: -1 (unknown) for 5e.
+        numa = -1 if bus == "5e" else 0
+        host.pci(f"0000:{bus}:00.0", 0x1EFF, 0x1220, 0x120000, numa=numa, driver="rebellions")
     host.proc_devices({"rbln": 507})
     host.char_node("/dev/rbln0", 507, 0)
     return host
@@ -95,3 +98,28 @@ def test_failing_cli_reports_its_own_words(host: FakeHost) -> None:
         BackendUnavailable, match="rbln-smi failed with exit code 3: rbln driver is not loaded"
     ):
         RebellionsBackend(BackendContext(host_root=host.root)).discover()
+
+
+def test_every_optional_read_may_fail(atom: FakeHost) -> None:
+    """The conformance property: each field of `rbln-smi -j` but the PCI address missing, "N/A"
+    or null in turn (the npu number and the device name each stand in for the other), and each
+    sysfs file failing, loses no NPU."""
+
+    def build() -> RebellionsBackend:
+        return RebellionsBackend(BackendContext(host_root=atom.root))
+
+    document = atom.root / "var/lib/fixture/rbln.json"
+    broken = faults.json_field_faults(document, "devices", frozenset({"devices.pci.bus_id"}))
+    assert {"devices.npu", "devices.device", "devices.memory.total", "KMD_version"} <= {
+        label.split(" ")[0] for label, _ in broken
+    }
+    broken += faults.file_faults(atom.root, lambda: build().discover())
+    assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_rebellions_container_gets_its_npu_node(atom: FakeHost, tmp_path: Path) -> None:
+    """The RBLN runtime ships with the image; the claim gives the NPU's /dev/rbln node. Which
+    host files Rebellions' own container toolkit adds is not documented (docs/backends.md)."""
+    backend = RebellionsBackend(BackendContext(host_root=atom.root))
+    seen = container.view(backend, list(backend.discover()[:1]), atom.root, tmp_path / "rootfs")
+    assert seen.path("/dev/rbln0").is_file()

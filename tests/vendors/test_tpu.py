@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from driver import conformance
 from driver.backends import BackendContext
+from support import container, faults
 from support.hosts import FakeHost
 from vendors.tpu import TpuBackend
 
@@ -49,3 +52,27 @@ def test_v4_on_accel_nodes(host: FakeHost) -> None:
         host.char_device(f"/sys/class/accel/accel{index}", 121, index)
     found = conformance.check(TpuBackend(BackendContext(host_root=host.root, node_name="n")))
     assert [d.model for d in found.devices] == ["TPU v4", "TPU v4"]
+
+
+def test_every_optional_read_may_fail(host: FakeHost) -> None:
+    """The conformance property: TPUs read little beyond their identity (PCI ids, accel or VFIO
+    group); what they do read, NUMA, may fail in turn without losing a chip."""
+    v6e_host(host)
+    host.file("/sys/devices/system/node/node0/cpulist", "0-15\n")
+
+    def build() -> TpuBackend:
+        return TpuBackend(BackendContext(host_root=host.root, node_name="tpu-node"))
+
+    broken = faults.file_faults(host.root, lambda: build().discover())
+    assert {"numa_node"} <= {label.split(" ")[2].rsplit("/", 1)[-1] for label, _ in broken}
+    assert conformance.check_optional_reads(build, broken) == len(broken)
+
+
+def test_a_tpu_container_gets_its_vfio_group_and_bounds(host: FakeHost, tmp_path: Path) -> None:
+    """libtpu ships with the image (pip); from the host it needs the chips' VFIO groups, the
+    VFIO container node and, for a subset of the host's chips, their bounds."""
+    v6e_host(host)
+    backend = TpuBackend(BackendContext(host_root=host.root, node_name="tpu-node"))
+    seen = container.view(backend, list(backend.discover()[:2]), host.root, tmp_path / "rootfs")
+    assert seen.path("/dev/vfio/0").is_file() and seen.path("/dev/vfio/vfio").is_file()
+    assert "TPU_VISIBLE_CHIPS=0,1" in seen.env and "TPU_HOST_BOUNDS=1,1,1" in seen.env

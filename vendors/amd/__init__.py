@@ -23,6 +23,7 @@ from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
 from driver.model import ContainerEdits, Device, DeviceSample, DeviceType, HealthEvent, Interconnect
 from driver.pci import PciMatch
+from driver.reads import OptionalReads
 from vendors.host import Host
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ class _Gpu:
     uuid: str
     model: str
     target: str
-    compute_units: int
-    memory: int
+    compute_units: int | None
+    memory: int | None
     card: int
     render: int
     numa: int | None
@@ -91,6 +92,7 @@ class AmdBackend:
                 "the amdgpu kernel driver is not loaded (no /sys/module/amdgpu): install ROCm's amdgpu-dkms"
             )
         self._gpus: dict[str, tuple[Device, _Gpu]] = {}
+        self.reads = OptionalReads(log)
         self.poll_seconds = float(context.options.get("poll-seconds", POLL_SECONDS))
 
     @property
@@ -242,106 +244,144 @@ class AmdBackend:
     # -- amdsmi --------------------------------------------------------------------------------
 
     def _read_amdsmi(self) -> list[_Gpu]:
+        """amdsmi names each GPU (PCI address, render node); sysfs and KFD answer what amdsmi cannot."""
         smi = self.amdsmi
         assert smi is not None
+        kfd_nodes = self._kfd_nodes()
         gpus = []
         for handle in smi.amdsmi_get_processor_handles():
             try:
-                asic = smi.amdsmi_get_gpu_asic_info(handle)
-                enumeration = smi.amdsmi_get_gpu_enumeration_info(handle)
-                kfd = smi.amdsmi_get_gpu_kfd_info(handle)
-                gpus.append(
-                    _Gpu(
-                        bdf=smi.amdsmi_get_gpu_device_bdf(handle),
-                        uuid=smi.amdsmi_get_gpu_device_uuid(handle),
-                        model=str(asic["market_name"]),
-                        target=str(asic["target_graphics_version"]),
-                        compute_units=int(asic["num_compute_units"]),
-                        memory=int(smi.amdsmi_get_gpu_vram_info(handle)["vram_size"]) * (1 << 20),
-                        card=int(enumeration["drm_card"]),
-                        render=int(enumeration["drm_render"]),
-                        numa=pci.parse_numa(smi.amdsmi_topo_get_numa_node_number(handle)),
-                        driver_version=_known(
-                            smi.amdsmi_get_gpu_driver_info(handle)["driver_version"]
-                        ),
-                        firmware=_known(smi.amdsmi_get_gpu_vbios_info(handle).get("part_number")),
-                        hive=_hive(smi.amdsmi_get_xgmi_info(handle)["xgmi_hive_id"]),
-                        partition_mode=_known(smi.amdsmi_get_gpu_compute_partition(handle))
-                        or "SPX",
-                        partition_index=int(kfd.get("current_partition_id", 0) or 0),
-                        handle=handle,
-                    )
-                )
+                bdf = pci.normalize_bdf(str(smi.amdsmi_get_gpu_device_bdf(handle)))
             except smi.AmdSmiException as err:
-                log.warning("Skipping an AMD GPU amdsmi cannot read", extra={"error": str(err)})
+                log.warning("Skipping an AMD GPU amdsmi cannot name", extra={"error": str(err)})
+                continue
+            gpu = self._amdsmi_gpu(smi, handle, bdf, kfd_nodes)
+            if gpu is not None:
+                gpus.append(gpu)
         return gpus
+
+    def _amdsmi_gpu(
+        self, smi: ModuleType, handle: Any, bdf: str, kfd_nodes: dict[int, dict[str, str]]
+    ) -> _Gpu | None:
+        errors = (smi.AmdSmiException, KeyError, TypeError, ValueError, AttributeError)
+
+        def read(call: str, key: str | None = None) -> Any:
+            def answer() -> Any:
+                value = getattr(smi, call)(handle)
+                return value[key] if key else value
+
+            value = self.reads.read(bdf, call, answer, errors)
+            return None if isinstance(value, str) and _known(value) is None else value
+
+        function = pci.read(self.host.root, bdf)
+        asic = _mapping(read("amdsmi_get_gpu_asic_info"))
+        enumeration = _mapping(read("amdsmi_get_gpu_enumeration_info"))
+        card, render = (
+            _integer(enumeration.get("drm_card")),
+            _integer(enumeration.get("drm_render")),
+        )
+        if card is None or render is None:
+            card, render = _drm_minors(function)
+        if card is None or render is None:
+            log.warning("Skipping an AMD GPU without DRM nodes", extra={"pci": bdf})
+            return None
+        node = kfd_nodes.get(render, {})
+        numa = pci.parse_numa(read("amdsmi_topo_get_numa_node_number"))
+        return _Gpu(
+            bdf=bdf,
+            uuid=_known(read("amdsmi_get_gpu_device_uuid")) or _kfd_uuid(node) or "",
+            model=_known(asic.get("market_name")) or self._model(function),
+            target=_known(asic.get("target_graphics_version")) or _kfd_target(node),
+            compute_units=_integer(asic.get("num_compute_units")) or _kfd_units(node),
+            memory=(_integer(read("amdsmi_get_gpu_vram_info", "vram_size")) or 0) * (1 << 20)
+            or self._memory(function, node),
+            card=card,
+            render=render,
+            numa=numa if numa is not None else function.numa_node if function else None,
+            driver_version=_known(read("amdsmi_get_gpu_driver_info", "driver_version"))
+            or self._driver_version(),
+            firmware=_known(read("amdsmi_get_gpu_vbios_info", "part_number"))
+            or self._sysfs_text(function, "vbios_version"),
+            hive=_hive(read("amdsmi_get_xgmi_info", "xgmi_hive_id"))
+            or _hive(self._sysfs_text(function, "xgmi_hive_info/xgmi_hive_id")),
+            partition_mode=_mode(read("amdsmi_get_gpu_compute_partition"))
+            or _mode(self._sysfs_text(function, "current_compute_partition"))
+            or "SPX",
+            partition_index=_integer(read("amdsmi_get_gpu_kfd_info", "current_partition_id")) or 0,
+            handle=handle,
+        )
 
     # -- sysfs and KFD ------------------------------------------------------------------------------
 
     def _read_sysfs(self) -> list[_Gpu]:
+        """What the amdgpu driver shows: the PCI function and its DRM nodes name a GPU, the rest is optional."""
         functions = pci.select(pci.scan(self.host.root), self.pci_matches)
         kfd_nodes = self._kfd_nodes()
-        driver_version = self.host.read("/sys/module/amdgpu/version") or self.host.read(
-            "/proc/sys/kernel/osrelease"
-        )
         gpus = []
         for function in functions:
             if function.driver != "amdgpu":
                 continue
-            drm = function.sysfs / "drm"
-            cards = (
-                sorted(int(p.name[4:]) for p in drm.glob("card*") if p.name[4:].isdigit())
-                if drm.is_dir()
-                else []
-            )
-            renders = sorted(int(p.name[7:]) for p in drm.glob("renderD*")) if drm.is_dir() else []
-            if not cards or not renders:
+            card, render = _drm_minors(function)
+            if card is None or render is None:
                 log.warning("AMD GPU without DRM nodes", extra={"pci": function.bdf})
                 continue
-            node = kfd_nodes.get(renders[0], {})
-            simds, per_cu = int(node.get("simd_count", 0)), int(node.get("simd_per_cu", 0)) or 1
-            target = node.get("gfx_target_version", "0")
+            node = kfd_nodes.get(render, {})
             gpus.append(
                 _Gpu(
                     bdf=function.bdf,
-                    uuid=f"{int(node.get('unique_id', '0')):016x}"
-                    if node.get("unique_id")
-                    else function.bdf,
-                    model=self.host.read(function.sysfs / "product_name")
-                    or f"AMD GPU 0x{function.device:04x}",
-                    target=_gfx(int(target)),
-                    compute_units=simds // per_cu,
-                    memory=int(node.get("local_mem_size", 0))
-                    or int(self.host.read(function.sysfs / "mem_info_vram_total") or 0),
-                    card=cards[0],
-                    render=renders[0],
+                    uuid=_kfd_uuid(node) or function.bdf,
+                    model=self._model(function),
+                    target=_kfd_target(node),
+                    compute_units=_kfd_units(node),
+                    memory=self._memory(function, node),
+                    card=card,
+                    render=render,
                     numa=function.numa_node,
-                    driver_version=driver_version,
-                    firmware=self.host.read(function.sysfs / "vbios_version"),
-                    hive=_hive(self.host.read(function.sysfs / "xgmi_hive_info/xgmi_hive_id")),
-                    partition_mode=(
-                        self.host.read(function.sysfs / "current_compute_partition") or "SPX"
-                    ).upper(),
+                    driver_version=self._driver_version(),
+                    firmware=self._sysfs_text(function, "vbios_version"),
+                    hive=_hive(self._sysfs_text(function, "xgmi_hive_info/xgmi_hive_id")),
+                    partition_mode=_mode(self._sysfs_text(function, "current_compute_partition"))
+                    or "SPX",
                 )
             )
         return gpus
 
     def _kfd_nodes(self) -> dict[int, dict[str, str]]:
-        """KFD topology nodes of GPUs, by DRM render minor."""
+        """KFD topology nodes of GPUs, by DRM render minor; unreadable nodes are left out."""
         nodes = {}
         for properties in sorted(
             self.host.path("/sys/class/kfd/kfd/topology/nodes").glob("*/properties")
         ):
-            values = dict(
-                line.split(" ", 1) for line in properties.read_text().splitlines() if " " in line
-            )
-            if int(values.get("simd_count", "0")) > 0:  # CPU nodes have no SIMDs
+            text = self.host.read(properties) or ""
+            values = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+            if (_integer(values.get("simd_count")) or 0) > 0:  # CPU nodes have no SIMDs
                 memory = self.host.read(properties.parent / "mem_banks/0/properties") or ""
                 for line in memory.splitlines():
                     if line.startswith("size_in_bytes "):
                         values["local_mem_size"] = line.split()[1]
-                nodes[int(values.get("drm_render_minor", "-1"))] = values
+                render = _integer(values.get("drm_render_minor"))
+                if render is not None:
+                    nodes[render] = values
         return nodes
+
+    def _model(self, function: pci.PciFunction | None) -> str:
+        name = self._sysfs_text(function, "product_name")
+        if name:
+            return name
+        return f"AMD GPU 0x{function.device:04x}" if function else "AMD GPU"
+
+    def _memory(self, function: pci.PciFunction | None, node: dict[str, str]) -> int | None:
+        return _integer(node.get("local_mem_size")) or _integer(
+            self._sysfs_text(function, "mem_info_vram_total")
+        )
+
+    def _driver_version(self) -> str | None:
+        return self.host.read("/sys/module/amdgpu/version") or self.host.read(
+            "/proc/sys/kernel/osrelease"
+        )
+
+    def _sysfs_text(self, function: pci.PciFunction | None, name: str) -> str | None:
+        return _known(self.host.read(function.sysfs / name)) if function else None
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -366,18 +406,17 @@ class AmdBackend:
 
     def _sample(self, device: Device, gpu: _Gpu) -> DeviceSample:
         base = self.host.path(f"/sys/bus/pci/devices/{gpu.bdf}")
-        busy = self.host.read(base / "gpu_busy_percent")
-        used = self.host.read(base / "mem_info_vram_used")
+        busy = self.host.number(base / "gpu_busy_percent")
         hwmon = next(iter(sorted(base.glob("hwmon/hwmon*"))), None)
-        power = self.host.read(hwmon / "power1_average") if hwmon else None
-        temperature = self.host.read(hwmon / "temp1_input") if hwmon else None
+        power = self.host.number(hwmon / "power1_average") if hwmon else None
+        temperature = self.host.number(hwmon / "temp1_input") if hwmon else None
         return DeviceSample(
             device=device.name,
-            utilization=int(busy) / 100 if busy else None,
-            memory_used_bytes=int(used) if used else None,
+            utilization=busy / 100 if busy is not None else None,
+            memory_used_bytes=self.host.number(base / "mem_info_vram_used"),
             memory_limit_bytes=gpu.memory,
-            power_watts=int(power) / 1e6 if power else None,
-            temperature_celsius=int(temperature) / 1000 if temperature else None,
+            power_watts=power / 1e6 if power is not None else None,
+            temperature_celsius=temperature / 1000 if temperature is not None else None,
             errors_uncorrected=self._uncorrectable(gpu),
         )
 
@@ -402,6 +441,47 @@ def _import_amdsmi() -> ModuleType | None:
     return module
 
 
+def _drm_minors(function: pci.PciFunction | None) -> tuple[int | None, int | None]:
+    """The card and render minors under the function's drm/ folder (what names its device nodes)."""
+    drm = function.sysfs / "drm" if function else None
+    if drm is None or not drm.is_dir():
+        return None, None
+    cards = sorted(int(p.name[4:]) for p in drm.glob("card*") if p.name[4:].isdigit())
+    renders = sorted(int(p.name[7:]) for p in drm.glob("renderD*") if p.name[7:].isdigit())
+    return (cards[0] if cards else None), (renders[0] if renders else None)
+
+
+def _kfd_uuid(node: dict[str, str]) -> str | None:
+    unique = _integer(node.get("unique_id"))
+    return f"{unique:016x}" if unique else None
+
+
+def _kfd_target(node: dict[str, str]) -> str:
+    return _gfx(_integer(node.get("gfx_target_version")) or 0)
+
+
+def _kfd_units(node: dict[str, str]) -> int | None:
+    simds, per_cu = _integer(node.get("simd_count")), _integer(node.get("simd_per_cu"))
+    return simds // per_cu or None if simds and per_cu else None
+
+
+def _mode(value: Any) -> str | None:
+    """A compute partition mode amdgpu knows (SPX, DPX, TPX, QPX, CPX), or None."""
+    mode = str(value).strip().upper() if value is not None else ""
+    return mode if mode in ("SPX", "DPX", "TPX", "QPX", "CPX") else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _integer(value: Any) -> int | None:
+    try:
+        return int(str(value).strip(), 0) if str(value).strip().startswith("0x") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _gfx(version: int) -> str:
     """KFD's gfx_target_version (90402) as a target name (gfx942)."""
     if not version:
@@ -417,4 +497,7 @@ def _known(value: Any) -> str | None:
 def _hive(value: Any) -> str | None:
     if value in (None, "", "N/A", "0", 0, "0x0"):
         return None
-    return f"{int(value, 16) if isinstance(value, str) else int(value):#018x}"
+    try:
+        return f"{int(value, 16) if isinstance(value, str) else int(value):#018x}"
+    except ValueError:
+        return None

@@ -7,6 +7,7 @@ preparing one changes nothing on the card, and the PE counters keep partitions f
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,8 +29,10 @@ from driver.model import (
     PartitionLayout,
 )
 from driver.pci import PciMatch
+from driver.reads import OptionalReads
 from vendors.host import Host
 
+log = logging.getLogger(__name__)
 PES = 8
 POLL_SECONDS = 5.0
 # PE device files are npu<N>pe<X> or fused npu<N>pe<X>-<Y> (furiosa-device-plugin's pattern).
@@ -57,41 +60,56 @@ class FuriosaBackend:
         self.host = Host(context.host_root)
         self.poll_seconds = float(context.options.get("poll-seconds", POLL_SECONDS))
         self.smi = smi or _import_smi()
+        self.reads = OptionalReads(log)
         self._cards: dict[str, _Card] = {}
 
     def discover(self) -> Sequence[Device]:
+        """An NPU needs its PCI address and device files from furiosa-smi; the rest is optional."""
         smi = self.smi
         try:
-            driver = smi.driver_info()
             cards = smi.list_devices()
         except smi.SmiError as err:
-            raise BackendUnavailable(f"furiosa-smi cannot read the NPUs: {err}") from err
-        driver_version = f"{driver.major}.{driver.minor}.{driver.patch}"
+            raise BackendUnavailable(f"furiosa-smi cannot list the NPUs: {err}") from err
+        errors = (smi.SmiError, TypeError, ValueError, AttributeError)
+        driver = self.reads.read("system", "driver_info", smi.driver_info, errors)
+        driver_version = f"{driver.major}.{driver.minor}.{driver.patch}" if driver else None
         devices, found = [], {}
         for card in cards:
             try:
                 bdf = pci.normalize_bdf(str(card.bdf()))
-                numa = card.numa_node()
-                device = Device(
-                    backend=self.name,
-                    vendor="furiosa",
-                    type=DeviceType.NPU,
-                    model=f"FuriosaAI {card.product_name()}",
-                    architecture=_ARCHITECTURES.get(str(card.arch()).rsplit(".", 1)[-1], "rngd"),
-                    uuid=str(card.uuid()),
-                    index=card.dev_node_index(),
-                    memory_bytes=int(card.memory_usage().total_bytes),
-                    compute_units=int(card.core_num()),
-                    pci_bus_id=bdf,
-                    pcie_root=pci.pcie_root(self.host.root, bdf),
-                    numa_node=numa if isinstance(numa, int) and numa >= 0 else None,
-                    driver_version=driver_version,
-                    firmware_version=str(card.firmware_version()),
-                    precisions=frozenset({"bf16", "fp8", "int8", "int4"}),
-                )
+                files = tuple(str(f.path) for f in card.device_files())
             except smi.SmiError as err:
-                raise BackendUnavailable(f"furiosa-smi failed while reading an NPU: {err}") from err
-            files = tuple(str(f.path) for f in card.device_files())
+                log.warning("Skipping an NPU furiosa-smi cannot name", extra={"error": str(err)})
+                continue
+
+            def read(call: str, card: Any = card, bdf: str = bdf) -> Any:
+                return self.reads.read(bdf, call, getattr(card, call), errors)
+
+            numa = pci.parse_numa(read("numa_node"))
+            function = pci.read(self.host.root, bdf) if numa is None else None
+            memory = read("memory_usage")
+            product = read("product_name")
+            arch = read("arch")
+            firmware = read("firmware_version")
+            device = Device(
+                backend=self.name,
+                vendor="furiosa",
+                type=DeviceType.NPU,
+                model=f"FuriosaAI {product or 'NPU'}",
+                architecture=_ARCHITECTURES.get(str(arch).rsplit(".", 1)[-1], "unknown")
+                if arch is not None
+                else "unknown",
+                uuid=str(read("uuid") or ""),
+                index=_integer(read("dev_node_index")),
+                memory_bytes=_integer(getattr(memory, "total_bytes", None)) or None,
+                compute_units=_integer(read("core_num")) or None,
+                pci_bus_id=bdf,
+                pcie_root=pci.pcie_root(self.host.root, bdf),
+                numa_node=numa if numa is not None else function.numa_node if function else None,
+                driver_version=driver_version,
+                firmware_version=str(firmware) if firmware is not None else None,
+                precisions=frozenset({"bf16", "fp8", "int8", "int4"}),
+            )
             devices.append(device)
             found[device.name] = _Card(card, files)
         self._cards = found
@@ -104,6 +122,8 @@ class FuriosaBackend:
         return ContainerEdits()
 
     def partition_layout(self, device: Device) -> PartitionLayout | None:
+        if not device.memory_bytes:
+            return None  # memory counters need the card's memory size
         per_pe = device.memory_bytes // PES
         counters = {"memory": device.memory_bytes, "compute-units": PES} | {
             f"pe-{i}": 1 for i in range(PES)
@@ -151,16 +171,25 @@ class FuriosaBackend:
                 return
 
     def sample(self) -> Sequence[DeviceSample]:
+        errors = (self.smi.SmiError, TypeError, ValueError, AttributeError)
         samples = []
         for name, card in self._cards.items():
-            memory = card.handle.memory_usage()
+
+            def read(call: str, card: Any = card, name: str = name) -> Any:
+                return self.reads.read(name, call, getattr(card.handle, call), errors)
+
+            memory, power, temperature = (
+                read("memory_usage"),
+                read("power_consumption"),
+                read("device_temperature"),
+            )
             samples.append(
                 DeviceSample(
                     device=name,
-                    memory_used_bytes=int(memory.in_use_bytes),
-                    memory_limit_bytes=int(memory.total_bytes),
-                    power_watts=float(card.handle.power_consumption()),
-                    temperature_celsius=float(card.handle.device_temperature().soc_peak),
+                    memory_used_bytes=_integer(getattr(memory, "in_use_bytes", None)),
+                    memory_limit_bytes=_integer(getattr(memory, "total_bytes", None)),
+                    power_watts=float(power) if power is not None else None,
+                    temperature_celsius=float(temperature.soc_peak) if temperature else None,
                 )
             )
         return samples
@@ -183,6 +212,13 @@ class FuriosaBackend:
                 raise BackendUnavailable(f"{device.name}: {path} is not a device node on the host")
             nodes.append(node)
         return tuple(nodes)
+
+
+def _integer(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _import_smi() -> ModuleType:

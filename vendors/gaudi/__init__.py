@@ -134,8 +134,8 @@ class GaudiBackend:
                 architecture=model.architecture,
                 uuid=serials[hpu.function.bdf],
                 index=hpu.accel,
-                memory_bytes=model.memory,
-                compute_units=model.tpcs,
+                memory_bytes=model.memory or None,  # unknown models publish no capacity
+                compute_units=model.tpcs or None,
                 pci_bus_id=hpu.function.bdf,
                 pcie_root=hpu.function.pcie_root,
                 numa_node=hpu.function.numa_node,
@@ -214,14 +214,16 @@ class GaudiBackend:
         samples = []
         for name, hpu in self._hpus.items():
             hwmon = next(iter(sorted(hpu.function.sysfs.glob("hwmon/hwmon*"))), None)
-            power = self.host.read(hwmon / "power1_input") if hwmon else None
-            temperature = self.host.read(hwmon / "temp1_input") if hwmon else None
+            power = self.host.number(hwmon / "power1_input") if hwmon else None
+            temperature = self.host.number(hwmon / "temp1_input") if hwmon else None
             samples.append(
                 DeviceSample(
                     device=name,
-                    power_watts=int(power) / 1e6 if power else None,
-                    temperature_celsius=int(temperature) / 1000 if temperature else None,
-                    memory_limit_bytes=MODELS.get(hpu.function.device, _GAUDI3).memory,
+                    power_watts=power / 1e6 if power is not None else None,
+                    temperature_celsius=temperature / 1000 if temperature is not None else None,
+                    memory_limit_bytes=MODELS[hpu.function.device].memory
+                    if hpu.function.device in MODELS
+                    else None,
                 )
             )
         return samples

@@ -85,9 +85,6 @@ class IntelGpuBackend:
             model = MODELS.get(
                 function.device, Model(f"Intel GPU 0x{function.device:04x}", "xe", "unknown", 0, 0)
             )
-            memory = self._memory(function, card) or model.memory
-            if not memory:
-                continue
             device = Device(
                 backend=self.name,
                 vendor="intel",
@@ -98,8 +95,9 @@ class IntelGpuBackend:
                     uuid.uuid5(_NAMESPACE, f"{self.node_name}/{function.bdf}/{function.device:04x}")
                 ),
                 index=len(devices),
-                memory_bytes=memory,
-                compute_units=model.xe_cores,
+                # The driver's VRAM size, else the model table's; unknown models publish neither.
+                memory_bytes=self._memory(function, card) or model.memory or None,
+                compute_units=model.xe_cores or None,
                 pci_bus_id=function.bdf,
                 pcie_root=function.pcie_root,
                 numa_node=function.numa_node,
@@ -147,13 +145,13 @@ class IntelGpuBackend:
         samples = []
         for name, (function, _, _) in self._functions.items():
             hwmon = next(iter(sorted(function.sysfs.glob("hwmon/hwmon*"))), None)
-            energy = self.host.read(hwmon / "energy1_input") if hwmon else None
-            temperature = self.host.read(hwmon / "temp2_input") if hwmon else None
+            energy = self.host.number(hwmon / "energy1_input") if hwmon else None
+            temperature = self.host.number(hwmon / "temp2_input") if hwmon else None
             samples.append(
                 DeviceSample(
                     device=name,
-                    energy_joules=int(energy) / 1e6 if energy else None,
-                    temperature_celsius=int(temperature) / 1000 if temperature else None,
+                    energy_joules=energy / 1e6 if energy is not None else None,
+                    temperature_celsius=temperature / 1000 if temperature is not None else None,
                 )
             )
         return samples

@@ -21,10 +21,12 @@ _ARCHITECTURES = {
 }
 
 
-def architecture(nvml_arch: int | None, capability: tuple[int, int]) -> str:
+def architecture(nvml_arch: int | None, capability: tuple[int, int] | None) -> str:
     """Normalized architecture name; falls back to the compute capability for unknown NVML values."""
     if nvml_arch in _ARCHITECTURES:
         return _ARCHITECTURES[nvml_arch]
+    if capability is None:
+        return "unknown"
     major, minor = capability
     if major >= 10:
         return "blackwell"
@@ -40,8 +42,23 @@ def architecture(nvml_arch: int | None, capability: tuple[int, int]) -> str:
     return {8: "ampere", 6: "pascal", 5: "maxwell", 3: "kepler"}.get(major, "unknown")
 
 
-def precisions(capability: tuple[int, int]) -> frozenset[str]:
-    """Precisions the GPU computes natively: tensor-core formats by compute capability."""
+def cores_per_sm(capability: tuple[int, int] | None) -> int | None:
+    """CUDA cores per streaming multiprocessor (what nvmlDeviceGetNumGpuCores counts), by compute capability.
+
+    From NVIDIA's CUDA programming guide tables; an H200 (9.0) answers 16896 cores for its 132 SMs.
+    """
+    if capability is None:
+        return None
+    exact = {(6, 0): 64, (7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64}
+    if capability in exact:
+        return exact[capability]
+    return {3: 192, 5: 128, 6: 128, 8: 128, 9: 128, 10: 128, 12: 128}.get(capability[0])
+
+
+def precisions(capability: tuple[int, int] | None) -> frozenset[str]:
+    """Precisions the GPU computes natively: tensor-core formats by compute capability (none when unknown)."""
+    if capability is None:
+        return frozenset()
     cc = capability
     found = {"fp64", "fp32"}
     if cc >= (6, 0):

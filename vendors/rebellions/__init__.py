@@ -7,6 +7,7 @@ uuid attribute rather than a meaningless one.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from driver.model import ContainerEdits, Device, DeviceSample, DeviceType, Healt
 from driver.pci import PciMatch
 from vendors.host import Host
 
+log = logging.getLogger(__name__)
 GIB = 1 << 30
 # Where Rebellions' DRA driver looks for the CLI, in order.
 CLI = ("/usr/bin/rbln-smi", "/run/rbln/driver/usr/bin/rbln-smi", "/usr/local/bin/rbln-smi")
@@ -67,22 +69,35 @@ class RebellionsBackend:
         return document
 
     def discover(self) -> Sequence[Device]:
+        """An NPU needs its PCI address and device node from rbln-smi; every other field is optional."""
         document = self.read()
-        entries = sorted(document.get("devices") or [], key=lambda d: int(d.get("npu", 0)))
+        entries: list[tuple[str, dict[str, Any]]] = []
+        for entry in document.get("devices") or []:
+            bdf = _bdf(entry) if isinstance(entry, dict) else None
+            if bdf is None or _minor(entry) is None:
+                log.warning(
+                    "Skipping an NPU rbln-smi does not name", extra={"entry": str(entry)[:200]}
+                )
+                continue
+            entries.append((bdf, entry))
+        entries.sort(key=lambda item: (_minor(item[1]) or 0, item[0]))
         groups: dict[str, list[str]] = {}
-        for entry in entries:
-            groups.setdefault(str(entry.get("group_id", "0")), []).append(
-                self._uuid(entry) or entry["pci"]["bus_id"]
-            )
+        for bdf, entry in entries:
+            group = _text(entry.get("group_id"))
+            if group is not None:
+                groups.setdefault(group, []).append(self._uuid(entry) or bdf)
+        kmd = _text(document.get("KMD_version"))
         devices, npus = [], {}
-        for entry in entries:
+        for bdf, entry in entries:
+            product = _text(entry.get("name"))
             model = MODELS.get(
-                entry.get("name", ""),
-                Model(str(entry.get("name", "Rebellions NPU")), "atom", 0, _ATOM),
+                product or "", Model(product or "Rebellions NPU", "unknown", 0, frozenset())
             )
-            bdf = pci.normalize_bdf(entry["pci"]["bus_id"])
-            members = groups[str(entry.get("group_id", "0"))]
-            identity = self._uuid(entry) or entry["pci"]["bus_id"]
+            group = _text(entry.get("group_id"))
+            members = groups.get(group, []) if group is not None else []
+            identity = self._uuid(entry) or bdf
+            numa = pci.parse_numa(_field(entry, "pci", "numa_node"))
+            function = pci.read(self.host.root, bdf) if numa is None else None
             device = Device(
                 backend=self.name,
                 vendor="rebellions",
@@ -90,21 +105,19 @@ class RebellionsBackend:
                 model=model.name,
                 architecture=model.architecture,
                 uuid=self._uuid(entry),
-                index=int(entry.get("npu", 0)),
-                memory_bytes=int(entry.get("memory", {}).get("total", 0)),
-                compute_units=model.engines,
+                index=_integer(entry.get("npu")),
+                memory_bytes=_integer(_field(entry, "memory", "total")) or None,
+                compute_units=model.engines or None,
                 pci_bus_id=bdf,
                 pcie_root=pci.pcie_root(self.host.root, bdf),
-                numa_node=pci.parse_numa(entry["pci"].get("numa_node")),
-                driver_version=document.get("KMD_version"),
-                firmware_version=entry.get("fw_ver"),
+                numa_node=numa if numa is not None else function.numa_node if function else None,
+                driver_version=kmd,
+                firmware_version=_text(entry.get("fw_ver")),
                 precisions=model.precisions,
                 # NPUs of one RSD group can form a tensor-parallel group over PCIe peer-to-peer.
-                interconnect=Interconnect("rsd", f"rsd-{entry.get('group_id', '0')}")
-                if len(members) > 1
-                else None,
+                interconnect=Interconnect("rsd", f"rsd-{group}") if len(members) > 1 else None,
                 peers=tuple(m for m in members if m != identity) if len(members) > 1 else (),
-                extra={"npu.rebellions.ai/productName": str(entry.get("name", ""))[:64]},
+                extra={"npu.rebellions.ai/productName": (product or "")[:64]},
             )
             devices.append(device)
             npus[device.name] = entry
@@ -113,12 +126,11 @@ class RebellionsBackend:
 
     def device_edits(self, device: Device) -> ContainerEdits:
         entry = self._npus.get(device.name)
-        if entry is None:
+        minor = _minor(entry) if entry is not None else None
+        if entry is None or minor is None:
             raise BackendUnavailable(f"{device.name} is no longer present")
-        name = entry.get("device") or f"rbln{entry.get('npu', 0)}"
-        node = self.host.device_node(
-            f"/dev/{name}", major_name="rbln", minor=int(entry.get("npu", 0))
-        )
+        name = _text(entry.get("device")) or f"rbln{minor}"
+        node = self.host.device_node(f"/dev/{name}", major_name="rbln", minor=minor)
         if node is None:
             raise BackendUnavailable(
                 f"{device.name}: /dev/{name} not found and no rbln major in /proc/devices"
@@ -133,16 +145,13 @@ class RebellionsBackend:
         last: dict[str, str] = {}
         while True:
             try:
-                current = {
-                    pci.normalize_bdf(d["pci"]["bus_id"]): d
-                    for d in self.read().get("devices") or []
-                }
+                current = self._current()
             except BackendUnavailable as err:
                 current = {}
                 if not last:
                     raise BackendUnavailable(f"cannot watch NPU health: {err}") from err
             for name, entry in list(self._npus.items()):
-                now = current.get(pci.normalize_bdf(entry["pci"]["bus_id"]))
+                now = current.get(_bdf(entry) or "")
                 status = str(now.get("status", "unknown")) if now else "missing"
                 if last.get(name, "normal") != status:
                     healthy = status.lower() in HEALTHY_STATUS
@@ -155,29 +164,60 @@ class RebellionsBackend:
                 return
 
     def sample(self) -> Sequence[DeviceSample]:
-        current = {
-            pci.normalize_bdf(d["pci"]["bus_id"]): d for d in self.read().get("devices") or []
-        }
+        current = self._current()
         samples = []
         for name, entry in self._npus.items():
-            now = current.get(pci.normalize_bdf(entry["pci"]["bus_id"]), {})
-            memory = now.get("memory", {})
+            now = current.get(_bdf(entry) or "", {})
+            memory = _field(now, "memory") or {}
             samples.append(
                 DeviceSample(
                     device=name,
                     utilization=_number(now.get("util"), 1 / 100),
-                    memory_used_bytes=_integer(memory.get("used")),
-                    memory_limit_bytes=_integer(memory.get("total")),
+                    memory_used_bytes=_integer(_field(memory, "used")),
+                    memory_limit_bytes=_integer(_field(memory, "total")),
                     temperature_celsius=_number(now.get("temperature")),
                     power_watts=_number(now.get("power")),
                 )
             )
         return samples
 
+    def _current(self) -> dict[str, dict[str, Any]]:
+        """rbln-smi's entries now, by PCI address."""
+        devices = self.read().get("devices") or []
+        return {bdf: d for d in devices if isinstance(d, dict) and (bdf := _bdf(d))}
+
     @staticmethod
     def _uuid(entry: dict[str, Any]) -> str:
         value = str(entry.get("uuid") or "")
         return "" if value in ("", ZERO_UUID) else value
+
+
+def _field(entry: dict[str, Any], *keys: str) -> Any:
+    """A nested field, or None when rbln-smi left it out or gave it another shape."""
+    value: Any = entry
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value and value != "N/A" else None
+
+
+def _bdf(entry: dict[str, Any]) -> str | None:
+    text = _text(_field(entry, "pci", "bus_id"))
+    bdf = pci.normalize_bdf(text) if text else None
+    return bdf if bdf and pci.is_bdf(bdf) else None
+
+
+def _minor(entry: dict[str, Any]) -> int | None:
+    """The NPU's device minor: its `npu` number, else the digits of its `device` name (rbln3)."""
+    number = _integer(entry.get("npu"))
+    if number is not None:
+        return number
+    name = _text(entry.get("device")) or ""
+    digits = name.removeprefix("rbln")
+    return int(digits) if digits.isdigit() else None
 
 
 def _integer(value: Any) -> int | None:

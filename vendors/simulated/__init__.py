@@ -93,7 +93,8 @@ class SimulatedBackend:
         if spec is None:
             return None
         slots = {f"{spec.slot_counter}-{i}": 1 for i in range(spec.slots)}
-        counters = {"memory": device.memory_bytes, "compute-units": device.compute_units}
+        model = self._entry(device).model
+        counters = {"memory": model.memory, "compute-units": model.compute_units}
         counters.update(dict(spec.counters))
         counters.update(slots)
         partitions = []
@@ -203,7 +204,7 @@ class SimulatedBackend:
                 DeviceSample(
                     device=device.name,
                     utilization=round(busy, 3),
-                    memory_used_bytes=int(device.memory_bytes * busy * 0.8),
+                    memory_used_bytes=int((device.memory_bytes or 0) * busy * 0.8),
                     memory_limit_bytes=device.memory_bytes,
                     power_watts=round(80 + 500 * busy, 1),
                     energy_joules=round(elapsed * (80 + 250 * busy), 1),
