@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -290,7 +290,8 @@ class _PoolView:
     groups: tuple[Group, ...]
     foreign: int  # devices without Unidra's vocabulary
     complete: bool
-    published: frozenset[str]  # every device name at the current generation
+    # Every device at the current generation: (node, model, partition); model "" without vocabulary.
+    published: Mapping[str, tuple[str, str, bool]]
 
 
 # -- parsing: tolerant, a malformed field degrades to a default and never hides other objects -----
@@ -469,6 +470,20 @@ def parse_pod(obj: Mapping[str, Any]) -> PodRecord | None:
     )
 
 
+Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord
+
+
+def parse(kind: Kind, obj: Mapping[str, Any]) -> Record | None:
+    """The record of one object; None for a pod without claims (most pods are not kept)."""
+    parsers: dict[str, Callable[[Mapping[str, Any]], Record | None]] = {
+        "ResourceSlice": parse_slice,
+        "ResourceClaim": parse_claim,
+        "DeviceTaintRule": parse_rule,
+        "Pod": parse_pod,
+    }
+    return parsers[kind](obj)
+
+
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
     meta = _meta(obj)
     return (_text(meta.get("namespace")), _text(meta.get("name")))
@@ -496,21 +511,18 @@ class Fleet:
 
     def apply(self, kind: Kind, change: str, obj: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
-        key = object_key(obj)
-        if change == "DELETED":
-            self._remove(kind, key)
-        else:
-            self._store(kind, key, obj)
+        self.put(kind, object_key(obj), None if change == "DELETED" else parse(kind, obj))
 
     def replace(self, kind: Kind, objects: Iterable[Mapping[str, Any]]) -> None:
-        """A fresh list of one kind: what is gone is removed; unchanged objects dirty nothing."""
-        seen = set()
-        for obj in objects:
-            key = object_key(obj)
-            seen.add(key)
-            self._store(kind, key, obj)
-        for key in [k for k in self.table(kind) if k not in seen]:
-            self._remove(kind, key)
+        """A fresh list of one kind; see `replace_parsed`."""
+        self.replace_parsed(kind, {object_key(o): parse(kind, o) for o in objects})
+
+    def replace_parsed(self, kind: Kind, records: Mapping[ObjectKey, Record | None]) -> None:
+        """A fresh list of one kind, parsed: what is gone is removed; unchanged objects dirty nothing."""
+        for key, record in records.items():
+            self.put(kind, key, record)
+        for key in [k for k in self.table(kind) if k not in records]:
+            self.put(kind, key, None)
 
     def table(self, kind: Kind) -> Mapping[ObjectKey, Any]:
         """The records of one kind."""
@@ -522,27 +534,19 @@ class Fleet:
         }
         return tables[kind]
 
-    def _store(self, kind: Kind, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+    def put(self, kind: Kind, key: ObjectKey, record: Record | None) -> None:
+        """Store (or, with None, forget) the record of one object."""
         if kind == "ResourceSlice":
-            self._set_slice(key, parse_slice(obj))
+            assert record is None or isinstance(record, SliceRecord)
+            self._set_slice(key, record)
         elif kind == "ResourceClaim":
-            self._set_claim(key, parse_claim(obj))
+            assert record is None or isinstance(record, ClaimRecord)
+            self._set_claim(key, record)
         elif kind == "DeviceTaintRule":
-            self._set_rule(key, parse_rule(obj))
-        else:
-            pod = parse_pod(obj)
-            if pod is None:
-                self.pods.pop(key, None)
-            else:
-                self.pods[key] = pod
-
-    def _remove(self, kind: Kind, key: ObjectKey) -> None:
-        if kind == "ResourceSlice":
-            self._set_slice(key, None)
-        elif kind == "ResourceClaim":
-            self._set_claim(key, None)
-        elif kind == "DeviceTaintRule":
-            self._set_rule(key, None)
+            assert record is None or isinstance(record, RuleRecord)
+            self._set_rule(key, record)
+        elif isinstance(record, PodRecord):
+            self.pods[key] = record
         else:
             self.pods.pop(key, None)
 
@@ -694,7 +698,8 @@ class Fleet:
                     counts=counts,
                 )
             )
-        return _PoolView(tuple(groups), foreign, complete, frozenset(d.name for d in devices))
+        published = {d.name: (d.node, d.model, d.partition) for d in devices}
+        return _PoolView(tuple(groups), foreign, complete, published)
 
     def _holders_of(self, device: DeviceKey) -> tuple[Holder, ...]:
         found = []
@@ -723,28 +728,18 @@ class Fleet:
             incomplete_pools=tuple(sorted(p for p, v in self._views.items() if not v.complete)),
         )
 
-    def _published(self, key: DeviceKey) -> bool:
+    def _published(self, key: DeviceKey) -> tuple[str, str, bool] | None:
+        """(node, model, partition) of a device at its pool's current generation."""
         view = self._views.get(key[:2])
-        return view is not None and key[2] in view.published
-
-    def _device_index(self) -> dict[DeviceKey, tuple[str, str, bool]]:
-        """(node, model, partition) of every published device with the vocabulary."""
-        index = {}
-        for pool, keys in self._pool_slices.items():
-            for key in keys:
-                for device in self.slices[key].devices:
-                    if device.model:
-                        index[(*pool, device.name)] = (device.node, device.model, device.partition)
-        return index
+        return None if view is None else view.published.get(key[2])
 
     def _claim_views(self, drivers: set[str]) -> tuple[ClaimView, ...]:
-        index = self._device_index()
         views = []
         for claim in sorted(self.claims.values(), key=lambda c: (c.namespace, c.name)):
             held = []
             for allocation in claim.allocations:
                 if allocation.driver in drivers:
-                    node, model, partition = index.get(allocation.key, ("", "", False))
+                    node, model, partition = self._published(allocation.key) or ("", "", False)
                     held.append(
                         HeldDevice(
                             allocation.driver,
@@ -791,7 +786,7 @@ class Fleet:
             Orphan(claim.namespace, claim.name, a.driver, a.pool, a.device)
             for claim in sorted(self.claims.values(), key=lambda c: (c.namespace, c.name))
             for a in claim.allocations
-            if a.driver in drivers and not self._published(a.key)
+            if a.driver in drivers and self._published(a.key) is None
         )
 
     def _ignored(self) -> tuple[tuple[str, int], ...]:

@@ -21,6 +21,7 @@ GROUP_LABELS = (
     "interconnect_domain",
 )
 MODEL_LABELS = ("hw_vendor", "hw_type", "hw_model")
+ALWAYS = ("free", "allocated", "tainted")  # the other states are exported only while non-zero
 TAINT_LABELS = (
     "dra_driver",
     "k8s_node_name",
@@ -87,9 +88,12 @@ class FleetCollector(Collector):
                 group.domain,
             ]
             for state in STATES:
-                devices.add_metric([*labels, state], float(group.counts[state]))
+                # Rare states only while they occur: 10,000 groups make every series count.
+                if state in ALWAYS or group.counts[state]:
+                    devices.add_metric([*labels, state], float(group.counts[state]))
             largest.add_metric(labels, float(group.largest_free_group))
-            partitions.add_metric(labels, float(group.partitions_in_use))
+            if group.partitions_in_use:
+                partitions.add_metric(labels, float(group.partitions_in_use))
             for device in group.devices:
                 for taint in device.taints:
                     taints.add_metric(

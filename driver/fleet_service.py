@@ -43,6 +43,7 @@ def run(options: FleetOptions, out: TextIO, stop: threading.Event | None = None)
         kubeapi.build_client(options.kubeconfig),
         job_sizes=options.job_sizes,
         watch_seconds=options.watch_seconds,
+        freeze=True,
     )
     if not options.watch and not options.metrics_address:
         watcher.load()

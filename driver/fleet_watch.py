@@ -9,6 +9,7 @@ dirties only the pools whose objects changed. Views are recomputed on demand, un
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -23,11 +24,15 @@ from driver.fleet import (
     Group,
     Kind,
     ModelSummary,
+    ObjectKey,
+    Record,
     Report,
     Sync,
+    object_key,
+    parse,
     summarize_models,
 )
-from driver.kubeapi import Collection, Gone, NotServed, WatchStream
+from driver.kubeapi import Collection, Forbidden, Gone, NotServed, WatchStream
 from driver.supervisor import Backoff
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,16 @@ class FleetWatcher:
         watch_seconds: int = 300,
         rediscover_seconds: float = 300.0,
         on_refresh: Callable[[float], None] | None = None,
+        freeze: bool = False,
     ) -> None:
         self.fleet = Fleet()
         self.job_sizes = tuple(job_sizes)
         self.watch_seconds = watch_seconds
         self.rediscover_seconds = rediscover_seconds
         self.on_refresh = on_refresh
+        self.freeze = (
+            freeze  # gc.freeze() after full lists: for a process that only serves the view
+        )
         self.changed = threading.Condition()
         self.version = 0
         self.sync: dict[Kind, Sync] = {kind: Sync() for kind in KINDS}
@@ -76,7 +85,7 @@ class FleetWatcher:
         for kind in KINDS:
             try:
                 self._relist(kind)
-            except NotServed as err:
+            except (NotServed, Forbidden) as err:
                 self._not_served(kind, err)
 
     def loop(self, kind: Kind) -> Callable[[threading.Event], None]:
@@ -102,8 +111,10 @@ class FleetWatcher:
                 except Gone as err:
                     log.info("Watch expired; relisting", extra={"kind": kind, "error": str(err)})
                     version = ""
-                except NotServed as err:
+                except (NotServed, Forbidden) as err:
+                    # Not served, or left out of the RBAC on purpose (Pods): report without it.
                     self._not_served(kind, err)
+                    version = ""
                     stop.wait(self.rediscover_seconds)
                 except UnidraError as err:
                     if stop.is_set():
@@ -122,9 +133,14 @@ class FleetWatcher:
                 stream.close()
 
     def _relist(self, kind: Kind) -> str:
-        items, version = self._collections[kind].list()
+        records: dict[ObjectKey, Record | None] = {}
+        version = ""
+        for page, listed_at in self._collections[kind].pages():
+            # Parsed outside the lock and page by page: only compact records are kept.
+            records.update((object_key(o), parse(kind, o)) for o in page)
+            version = listed_at
         with self.changed:
-            self.fleet.replace(kind, items)
+            self.fleet.replace_parsed(kind, records)
             sync = self.sync[kind]
             self.sync[kind] = dataclasses.replace(
                 sync,
@@ -135,7 +151,11 @@ class FleetWatcher:
                 error="",
             )
             self._bump()
-        log.debug("Listed", extra={"kind": kind, "objects": len(items), "version": version})
+            if self.freeze and self._all_synced():
+                # The records are acyclic and mostly long-lived: keep them out of the cyclic
+                # collector's full passes, which otherwise rescan all of them (slow scrapes).
+                gc.freeze()
+        log.debug("Listed", extra={"kind": kind, "objects": len(records), "version": version})
         return version
 
     def _apply(self, kind: Kind, change: str, obj: Mapping[str, Any]) -> None:
@@ -146,7 +166,7 @@ class FleetWatcher:
             )
             self._bump()
 
-    def _not_served(self, kind: Kind, err: NotServed) -> None:
+    def _not_served(self, kind: Kind, err: NotServed | Forbidden) -> None:
         with self.changed:
             self.fleet.replace(kind, ())
             self.sync[kind] = dataclasses.replace(
@@ -169,7 +189,10 @@ class FleetWatcher:
     @property
     def synced(self) -> bool:
         with self.changed:
-            return all(s.synced for s in self.sync.values())
+            return self._all_synced()
+
+    def _all_synced(self) -> bool:
+        return all(s.synced for s in self.sync.values())
 
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """The change counter once it moved past `seen`, or after `timeout` seconds."""

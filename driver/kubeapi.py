@@ -53,6 +53,10 @@ class Gone(RetryableError):
     """A watch asked for a resourceVersion the server no longer has; relist."""
 
 
+class Forbidden(RetryableError):
+    """The API server refused access (401/403): RBAC, or credentials; retrying may help after a fix."""
+
+
 class Conflict(RetryableError):
     """An optimistic-concurrency write lost a race; re-read and try again."""
 
@@ -140,7 +144,7 @@ def classify(err: ApiException, action: str) -> Exception:
     if err.status == 404:
         return ClaimError(f"{action}: not found (the claim was deleted)")
     if err.status in (401, 403):
-        return RetryableError(f"{action}: access denied ({reason}); check the driver's RBAC")
+        return Forbidden(f"{action}: access denied ({reason}); check the driver's RBAC")
     if err.status in (408, 409, 429) or (err.status or 0) >= 500:
         return RetryableError(f"{action}: API server answered {err.status} ({reason})")
     return ClaimError(f"{action}: API server answered {err.status} ({reason})")
@@ -292,18 +296,18 @@ class Collection:
         self.paths = paths
         self.path: str | None = None
 
-    def list(self, page_size: int = 500) -> tuple[list[dict[str, Any]], str]:
-        """Every object and the resourceVersion to watch from."""
-        items: list[dict[str, Any]] = []
+    def pages(self, page_size: int = 500) -> Iterator[tuple[list[dict[str, Any]], str]]:
+        """The list one page at a time (a large cluster never sits in memory as JSON at once),
+        each with the list's resourceVersion."""
         token = ""
         while True:
             query = {"limit": str(page_size), **({"continue": token} if token else {})}
             body = self._read(query)
-            items += body.get("items") or []
             meta = body.get("metadata") or {}
+            yield body.get("items") or [], str(meta.get("resourceVersion", ""))
             token = str(meta.get("continue") or "")
             if not token:
-                return items, str(meta.get("resourceVersion", ""))
+                return
 
     def _read(self, query: Mapping[str, str]) -> dict[str, Any]:
         action = f"listing {self.what}"

@@ -12,6 +12,7 @@ stops listening on the port, like an API server that disappeared).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import json
@@ -441,7 +442,8 @@ class FakeApiServer:
                     return
         while time.monotonic() < deadline and self._httpd is not None:
             with self._lock:
-                pending = [e for e in self.store.events if e.rv > last]
+                events = self.store.events
+                pending = events[bisect.bisect_right(events, last, key=lambda e: e.rv) :]
             for event in pending:
                 last = event.rv
                 if event.key[:3] != gvr or (namespace is not None and event.key[3] != namespace):
