@@ -130,6 +130,17 @@ def test_rules_an_api_server_does_not_serve_are_left_out_with_a_note(
     assert "note: DeviceTaintRule not read: the API server serves no DeviceTaintRules" in run.stdout
 
 
+def test_pods_the_role_may_not_read_are_left_out_with_a_note(
+    api: FakeApiServer, kubeconfig: Path
+) -> None:
+    populate(api)
+    api.fail(lambda method, path: path.endswith("/pods"), status=403, times=None)
+    run = unidra(kubeconfig=kubeconfig)
+    assert run.returncode == 0, run.stderr
+    assert "train-0 (unknown)" in run.stdout  # the claim still names its pod
+    assert "note: Pod not read: listing Pods: access denied" in run.stdout
+
+
 def test_errors_are_one_line(
     kubeconfig: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
