@@ -59,7 +59,8 @@ def node_slices(
     for position, device in enumerate(fabric):
         part = position * domains // len(fabric)
         name = device["attributes"]["interconnectDomain"]["string"]
-        device["attributes"]["interconnectDomain"] = {"string": f"{node}-{name}-{part}"}
+        domain = f"{node}-{name}" if domains == 1 else f"{node}-{name}-{part}"
+        device["attributes"]["interconnectDomain"] = {"string": domain}
     for obj in objects:
         for device in obj["spec"].get("devices") or []:
             if taints and device["name"] in taints:
