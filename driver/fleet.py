@@ -504,6 +504,7 @@ class Fleet:
     def __post_init__(self) -> None:
         self._pool_slices: dict[PoolKey, set[ObjectKey]] = defaultdict(set)
         self._holders: dict[DeviceKey, set[ObjectKey]] = defaultdict(set)
+        self._pool_rules: dict[str, set[ObjectKey]] = defaultdict(set)  # "" selects every pool
         self._views: dict[PoolKey, _PoolView] = {}
         self._dirty: set[PoolKey] = set()
 
@@ -595,10 +596,13 @@ class Fleet:
                     if (not rule.driver or rule.driver == pool[0])
                     and (not rule.pool or rule.pool == pool[1])
                 )
+        if old is not None:
+            self._pool_rules[old.pool].discard(key)
         if record is None:
             self.rules.pop(key, None)
         else:
             self.rules[key] = record
+            self._pool_rules[record.pool].add(key)
 
     # -- views ------------------------------------------------------------------------------
 
@@ -648,9 +652,11 @@ class Fleet:
                 if parent is not None:
                     partition_holders[parent] += holders[device.name]
         rules = [
-            r
-            for r in self.rules.values()
-            if (not r.driver or r.driver == driver) and (not r.pool or r.pool == pool[1])
+            rule
+            for key in sorted(
+                self._pool_rules.get(pool[1], set()) | self._pool_rules.get("", set())
+            )
+            if not (rule := self.rules[key]).driver or rule.driver == driver
         ]
         grouped: dict[tuple[str, str, str, str], list[tuple[SliceDevice, DeviceView, int]]] = (
             defaultdict(list)
