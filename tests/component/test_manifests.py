@@ -168,13 +168,7 @@ def test_node_selection_covers_every_backends_pci_match() -> None:
 
 def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
     role = by_kind(kustomize.render(MANIFESTS))[("ClusterRole", "unidra-kubelet-plugin")]
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = _granted(role)
     # Leftover slices of this node (an older instance's): one is reused, the other deleted.
     for stale in ("stale-1", "stale-2"):
         api.create(
@@ -205,6 +199,17 @@ def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer
     used = {_verb(r.method, r.path, r.query) for r in api.requests}
     used.discard(None)
     assert used == granted
+
+
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) of every permission a ClusterRole grants."""
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
 
 def _fault(device: str):  # type: ignore[no-untyped-def]
@@ -274,13 +279,7 @@ def test_the_fleet_role_grants_exactly_the_reads_the_fleet_makes(
     from driver import fleet_service
 
     role = fleet_objects()[("ClusterRole", "unidra-fleet")]
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = _granted(role)
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     stop = threading.Event()
     options = fleet_service.FleetOptions(kubeconfig=kubeconfig, watch=True, settle_seconds=0.0)
