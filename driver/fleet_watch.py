@@ -173,7 +173,9 @@ class FleetWatcher:
                 self.sync[kind], synced=True, served=False, objects=0, error=str(err)
             )
             self._bump()
-        log.warning("Not served; its objects are left out", extra={"kind": kind, "error": str(err)})
+        log.warning(
+            "Cannot read this kind; the view leaves it out", extra={"kind": kind, "error": str(err)}
+        )
 
     def _failed(self, kind: Kind, err: UnidraError) -> None:
         with self.changed:

@@ -144,7 +144,7 @@ def classify(err: ApiException, action: str) -> Exception:
     if err.status == 404:
         return ClaimError(f"{action}: not found (the claim was deleted)")
     if err.status in (401, 403):
-        return Forbidden(f"{action}: access denied ({reason}); check the driver's RBAC")
+        return Forbidden(f"{action}: access denied ({reason}); check the RBAC of these credentials")
     if err.status in (408, 409, 429) or (err.status or 0) >= 500:
         return RetryableError(f"{action}: API server answered {err.status} ({reason})")
     return ClaimError(f"{action}: API server answered {err.status} ({reason})")
