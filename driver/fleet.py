@@ -173,6 +173,8 @@ class Group:
     devices: tuple[DeviceView, ...]
     partitions_in_use: int
     counts: Mapping[str, int]
+    # Partitions of the group's devices that could each be allocated now, by profile.
+    free_partitions: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -645,12 +647,6 @@ class Fleet:
             if not device.partition:
                 for counter_set, _ in device.consumes:
                     owner.setdefault(counter_set, device.name)
-        partition_holders: dict[str, list[Holder]] = defaultdict(list)
-        for device in devices:
-            if device.partition and device.consumes:
-                parent = owner.get(device.consumes[0][0])
-                if parent is not None:
-                    partition_holders[parent] += holders[device.name]
         rules = [
             rule
             for key in sorted(
@@ -658,6 +654,35 @@ class Fleet:
             )
             if not (rule := self.rules[key]).driver or rule.driver == driver
         ]
+
+        def taints_of(device: SliceDevice) -> tuple[Taint, ...]:
+            return device.taints + tuple(
+                r.taint for r in rules if r.matches((driver, pool[1], device.name))
+            )
+
+        partition_holders: dict[str, list[Holder]] = defaultdict(list)
+        free_partitions: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for device in devices:
+            parent = (
+                owner.get(device.consumes[0][0]) if device.partition and device.consumes else None
+            )
+            if parent is None:
+                continue
+            partition_holders[parent] += holders[device.name]
+            if (
+                _state(
+                    device,
+                    holders[device.name],
+                    False,
+                    taints_of(device),
+                    driver,
+                    complete,
+                    capacity,
+                    used,
+                )
+                == "free"
+            ):
+                free_partitions[parent][device.profile] += 1
         grouped: dict[tuple[str, str, str, str], list[tuple[SliceDevice, DeviceView, int]]] = (
             defaultdict(list)
         )
@@ -668,9 +693,7 @@ class Fleet:
                 continue
             if device.partition:
                 continue
-            taints = device.taints + tuple(
-                r.taint for r in rules if r.matches((driver, pool[1], device.name))
-            )
+            taints = taints_of(device)
             parts = [h for h in partition_holders.get(device.name, ()) if not h.admin]
             state = _state(
                 device, holders[device.name], bool(parts), taints, driver, complete, capacity, used
@@ -689,6 +712,10 @@ class Fleet:
             for _, view, _ in members:
                 counts[view.state] += 1
             first = members[0][0]
+            partitions_free: dict[str, int] = defaultdict(int)
+            for device, _, _ in members:
+                for profile, count in free_partitions.get(device.name, {}).items():
+                    partitions_free[profile] += count
             groups.append(
                 Group(
                     driver=driver,
@@ -702,6 +729,7 @@ class Fleet:
                     devices=tuple(sorted((view for _, view, _ in members), key=lambda v: v.name)),
                     partitions_in_use=sum(n for _, _, n in members),
                     counts=counts,
+                    free_partitions=dict(sorted(partitions_free.items())),
                 )
             )
         published = {d.name: (d.node, d.model, d.partition) for d in devices}

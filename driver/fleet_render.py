@@ -125,6 +125,7 @@ def _group(group: Group) -> dict[str, Any]:
         "total": group.total,
         **_counts(group.counts),
         "partitionsInUse": group.partitions_in_use,
+        **({"freePartitions": dict(group.free_partitions)} if group.free_partitions else {}),
         "largestFreeGroup": group.largest_free_group,
         "devices": [_device(d) for d in group.devices],
     }

@@ -168,6 +168,11 @@ def test_partitions_in_use_make_their_device_not_free_through_the_counters() -> 
         1,
         6,
     )
+    # The other way round: no partition of the allocated GPU is free, nor, on the partitioned
+    # one, the slots its two 1g.10gb partitions use and the 7g.80gb that overlaps them.
+    slots = sum(1 for p in parts if p.startswith(NAMES[2] + "-mig-1g10gb-"))
+    assert group.free_partitions["1g.10gb"] == 6 * slots + slots - 2
+    assert group.free_partitions["7g.80gb"] == 6
 
 
 def test_admin_access_does_not_take_a_device() -> None:
