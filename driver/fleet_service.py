@@ -3,13 +3,12 @@ reprinting on change (--watch) and serving it as Prometheus metrics (--serve-met
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +19,6 @@ from driver.fleet_watch import FleetWatcher
 from driver.metrics import serve_http
 from driver.supervisor import Supervisor
 
-log = logging.getLogger(__name__)
 # Between reports: YAML documents, JSON values one after another (jq reads them), tables apart.
 _WATCH_SEPARATORS = {"yaml": "---\n", "json": "", "table": "\n"}
 
@@ -97,8 +95,11 @@ def _print_changes(
 
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
-        handler: Callable[[int, Any], None] = lambda signum, frame: stop.set()  # noqa: E731
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
     return stop
