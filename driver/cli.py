@@ -14,7 +14,8 @@ from pathlib import Path
 from driver import __version__, backends, inspect, inventory, logs
 from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
-from driver.settings import DEFAULT_DRIVER_NAME, Settings
+from driver.fleet import DEFAULT_JOB_SIZES
+from driver.settings import DEFAULT_DRIVER_NAME, Settings, metrics_endpoint
 
 PLUGINS_DIR = "/var/lib/kubelet/plugins"
 
@@ -211,7 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=None)
 
+    _add_fleet_command(commands)
     return parser
+
+
+def _add_fleet_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fleet = commands.add_parser(
+        "fleet",
+        help="report every node's accelerators: free, allocated, tainted, largest free group, "
+        "fragmentation, who holds what (read-only)",
+    )
+    fleet.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=_env("KUBECONFIG"),
+        help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
+    )
+    fleet.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    fleet.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep the report current from watches and print it again when it changes",
+    )
+    fleet.add_argument(
+        "--serve-metrics",
+        metavar="HOST:PORT",
+        default="",
+        help="keep the report current and serve it as Prometheus metrics (/metrics, /readyz)",
+    )
+    fleet.add_argument(
+        "--job-sizes",
+        metavar="N[,N...]",
+        default=",".join(str(n) for n in DEFAULT_JOB_SIZES),
+        help="job sizes the fragmentation figure is computed for [default "
+        + ",".join(str(n) for n in DEFAULT_JOB_SIZES)
+        + "]",
+    )
+    _add_log_flags(fleet)
 
 
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
@@ -430,6 +467,30 @@ def _cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    from driver import fleet_service
+
+    sizes = []
+    for item in args.job_sizes.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            raise ConfigError(
+                "--job-sizes", f"{args.job_sizes!r} is not a list of positive integers"
+            )
+        sizes.append(int(item))
+    if args.serve_metrics and metrics_endpoint(args.serve_metrics) is None:
+        raise ConfigError("--serve-metrics", f"{args.serve_metrics!r} is not HOST:PORT or :PORT")
+    if args.watch or args.serve_metrics:
+        logs.setup(args.log_format, args.verbose)
+    options = fleet_service.FleetOptions(
+        kubeconfig=args.kubeconfig,
+        output=args.output,
+        watch=args.watch,
+        metrics_address=args.serve_metrics,
+        job_sizes=tuple(sorted(set(sizes))),
+    )
+    return fleet_service.run(options, sys.stdout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
@@ -438,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": _simulate,
         "doctor": _doctor,
         "cleanup": _cleanup,
+        "fleet": _fleet,
     }
     try:
         return commands[args.command](args)

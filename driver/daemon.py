@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry
 
 from driver import backends, kubeapi, slices
 from driver.backends import Backend, BackendContext, FaultInjector, HealthSource
@@ -39,11 +38,17 @@ from driver.kubelet.registration import RegistrationServicer, RegistrationState
 from driver.kubelet.server import PluginServers, UnixServer
 from driver.kubelet.service import DRA_SERVICES, add_dra_services
 from driver.locks import FileLocks
-from driver.metrics import DeviceCollector, DriverMetrics, SampleCache, sampling_loop
+from driver.metrics import (
+    DeviceCollector,
+    DriverMetrics,
+    SampleCache,
+    sampling_loop,
+    serve_http,
+)
 from driver.model import HealthEvent, Partition
 from driver.prepare import ClaimSource, Preparer, Timings
 from driver.publisher import Plan, Publisher
-from driver.settings import Settings, metrics_endpoint
+from driver.settings import Settings
 from driver.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -394,11 +399,6 @@ def _count_writes(metrics: DriverMetrics, plan: Plan) -> None:
     metrics.slice_writes.labels("delete").inc(len(plan.deletes))
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
-        pass
-
-
 def _serve_liveness(settings: Settings, servers: PluginServers) -> LivenessServer | None:
     if settings.healthcheck_port is None:
         return None
@@ -410,28 +410,7 @@ def _serve_liveness(settings: Settings, servers: PluginServers) -> LivenessServe
 
 
 def _serve_metrics(settings: Settings, registry: CollectorRegistry) -> WSGIServer | None:
-    """The Prometheus endpoint in its own thread; a short poll interval keeps shutdown prompt."""
-    endpoint = metrics_endpoint(settings.metrics_address)
-    if endpoint is None:
-        return None
-    host, port = endpoint
-    try:
-        server = make_server(
-            host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler
-        )
-    except OSError as err:
-        raise FatalError(
-            f"cannot serve metrics on {settings.metrics_address}: {err.strerror}"
-        ) from err
-    thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={"poll_interval": 0.05},
-        name="metrics-http",
-        daemon=True,
-    )
-    thread.start()
-    log.info("Serving metrics", extra={"address": f"{host}:{server.server_port}"})
-    return server
+    return serve_http(settings.metrics_address, "--metrics-address", registry)
 
 
 def _control(request: dict[str, Any], live: LiveInventory, board: HealthBoard) -> dict[str, Any]:

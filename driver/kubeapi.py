@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from driver.claims import ClaimRef
-from driver.errors import ClaimError, FatalError, RetryableError
+from driver.errors import ClaimError, FatalError, RetryableError, UnidraError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def build_client(kubeconfig: Path | None) -> client.ApiClient:
 
 class Gone(RetryableError):
     """A watch asked for a resourceVersion the server no longer has; relist."""
+
+
+class Forbidden(RetryableError):
+    """The API server refused access (401/403): RBAC, or credentials; retrying may help after a fix."""
 
 
 class Conflict(RetryableError):
@@ -140,7 +144,7 @@ def classify(err: ApiException, action: str) -> Exception:
     if err.status == 404:
         return ClaimError(f"{action}: not found (the claim was deleted)")
     if err.status in (401, 403):
-        return RetryableError(f"{action}: access denied ({reason}); check the driver's RBAC")
+        return Forbidden(f"{action}: access denied ({reason}); check the RBAC of these credentials")
     if err.status in (408, 409, 429) or (err.status or 0) >= 500:
         return RetryableError(f"{action}: API server answered {err.status} ({reason})")
     return ClaimError(f"{action}: API server answered {err.status} ({reason})")
@@ -206,29 +210,43 @@ class SliceApi:
 
     def watch(self, driver: str, node: str, resource_version: str, timeout: int) -> WatchStream:
         """Open a watch of events after `resource_version`; the server ends it after `timeout` seconds."""
-        query = {
-            "fieldSelector": _slice_selector(driver, node),
-            "resourceVersion": resource_version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(timeout),
-            "watch": "true",
-        }
-        try:
-            response = self.rest.open(
-                "GET", SLICES, query, None, (REQUEST_TIMEOUT[0], timeout + 30)
-            )
-        except ApiException as err:
-            raise classify(err, "watching ResourceSlices") from err
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise RetryableError(f"watching ResourceSlices: {err}") from err
-        return WatchStream(response)
+        selector = {"fieldSelector": _slice_selector(driver, node)}
+        return _watch(self.rest, SLICES, selector, resource_version, timeout, "ResourceSlices")
+
+
+def _watch(
+    rest: Rest,
+    path: str,
+    selector: Mapping[str, str],
+    resource_version: str,
+    timeout: int,
+    what: str,
+) -> WatchStream:
+    """A watch with bookmarks from `resource_version`; 410 (expired) raises Gone."""
+    query = {
+        **selector,
+        "resourceVersion": resource_version,
+        "allowWatchBookmarks": "true",
+        "timeoutSeconds": str(timeout),
+        "watch": "true",
+    }
+    try:
+        response = rest.open("GET", path, query, None, (REQUEST_TIMEOUT[0], timeout + 30))
+    except ApiException as err:
+        if err.status == 410:
+            raise Gone(f"watching {what}: {_reason(err)}") from err
+        raise classify(err, f"watching {what}") from err
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        raise RetryableError(f"watching {what}: {err}") from err
+    return WatchStream(response, what)
 
 
 class WatchStream:
     """One open watch; `close()` from another thread ends the iteration."""
 
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, what: str = "ResourceSlices") -> None:
         self._response = response
+        self._what = what
 
     def events(self) -> Iterator[dict[str, Any]]:
         try:
@@ -244,7 +262,7 @@ class WatchStream:
                 yield event
         except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as err:
             # AttributeError: urllib3 raises it when the response was closed under the reader.
-            raise RetryableError(f"watch of ResourceSlices broke off: {err}") from err
+            raise RetryableError(f"watch of {self._what} broke off: {err}") from err
         finally:
             with contextlib.suppress(Exception):
                 self._response.close()
@@ -258,6 +276,65 @@ class WatchStream:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+class NotServed(UnidraError):
+    """The API server serves none of the versions a collection can be read in."""
+
+
+class Collection:
+    """List and watch every object of one kind, cluster-wide, as raw JSON (read-only).
+
+    `paths` are the collection's URLs in order of preference (API versions); the first one the
+    server answers is used from then on. Lists are read in pages, so a large cluster never has
+    to fit in one response.
+    """
+
+    def __init__(self, api_client: client.ApiClient, what: str, paths: tuple[str, ...]) -> None:
+        self.rest = Rest(api_client)
+        self.what = what
+        self.paths = paths
+        self.path: str | None = None
+
+    def pages(self, page_size: int = 500) -> Iterator[tuple[list[dict[str, Any]], str]]:
+        """The list one page at a time (a large cluster never sits in memory as JSON at once),
+        each with the list's resourceVersion."""
+        token = ""
+        while True:
+            query = {"limit": str(page_size), **({"continue": token} if token else {})}
+            body = self._read(query)
+            meta = body.get("metadata") or {}
+            yield body.get("items") or [], str(meta.get("resourceVersion", ""))
+            token = str(meta.get("continue") or "")
+            if not token:
+                return
+
+    def _read(self, query: Mapping[str, str]) -> dict[str, Any]:
+        action = f"listing {self.what}"
+        for path in (self.path,) if self.path else self.paths:
+            try:
+                response = self.rest.open("GET", path, query, None, REQUEST_TIMEOUT)
+                try:
+                    body: dict[str, Any] = json.loads(response.data)
+                finally:
+                    response.release_conn()
+            except ApiException as err:
+                if err.status == 404 and self.path is None:
+                    continue  # this API version is not served; try the next
+                if err.status == 410:
+                    raise Gone(f"{action}: {_reason(err)}") from err
+                raise classify(err, action) from err
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
+                raise RetryableError(f"{action}: API server unreachable ({err})") from err
+            self.path = path
+            return body
+        raise NotServed(f"the API server serves no {self.what} (tried {', '.join(self.paths)})")
+
+    def watch(self, resource_version: str, timeout: int) -> WatchStream:
+        """Events after `resource_version` (with bookmarks); the server ends it after `timeout` seconds."""
+        if self.path is None:
+            raise RetryableError(f"watching {self.what}: list it first")
+        return _watch(self.rest, self.path, {}, resource_version, timeout, self.what)
 
 
 def _slice_selector(driver: str, node: str) -> str:

@@ -12,18 +12,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from driver.backends import Backend, Sampler
 from driver.checkpoint import CheckpointCorrupt, CheckpointStore
 from driver.claims import Consumer
+from driver.errors import FatalError
 from driver.health import KINDS, Effect, HealthBoard
 from driver.inventory import Inventory
 from driver.model import Device, DeviceSample, HealthStatus, Partition
 from driver.prepare import PHASES, Timings
+from driver.settings import metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -361,3 +366,49 @@ def _add(
 ) -> None:
     if value is not None:
         family.add_metric(labels, float(value))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+        pass
+
+
+def serve_http(
+    address: str,
+    flag: str,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool] | None = None,
+) -> WSGIServer | None:
+    """Serve /metrics (and /readyz when `ready` is given) in a thread; None when `address` is empty.
+
+    A short poll interval keeps shutdown prompt.
+    """
+    endpoint = metrics_endpoint(address)
+    if endpoint is None:
+        return None
+    host, port = endpoint
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if ready is not None and environ.get("PATH_INFO") == "/readyz":
+            ok = ready()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
+            return [b"ok\n" if ok else b"not synced yet\n"]
+        answer: Iterable[bytes] = metrics_app(environ, start_response)
+        return answer
+
+    try:
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as err:
+        raise FatalError(f"cannot serve metrics on {address} ({flag}): {err.strerror}") from err
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name="metrics-http",
+        daemon=True,
+    )
+    thread.start()
+    log.info("Serving metrics", extra={"address": f"{host}:{server.server_port}"})
+    return server

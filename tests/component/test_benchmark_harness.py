@@ -38,3 +38,15 @@ def test_bench_health_reports_every_path() -> None:
     output = run("bench-health", "--rounds", "2")
     for path in ("floor", "taint in API server", "health stream UNHEALTHY", "taint removed"):
         assert path in output
+
+
+def test_bench_fleet_reports_every_measurement(tmp_path: Path) -> None:
+    results = tmp_path / "fleet.json"
+    run("bench-fleet", "--nodes", "20", "--changes", "8", "--api", "--json", str(results))
+    report = json.loads(results.read_text())
+    measured = report["in_process"]
+    assert measured["devices"] == 160
+    assert measured["change_then_scrape_view"]["n"] == 8 and measured["state_mib"] > 0
+    through = report["api"]
+    assert through["write_to_view"]["n"] == 8 and through["deployment_rss_mib"] > 0
+    assert set(through["lists"].values()) == {1}

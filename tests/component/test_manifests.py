@@ -5,9 +5,11 @@ backend's PCI match."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -166,13 +168,7 @@ def test_node_selection_covers_every_backends_pci_match() -> None:
 
 def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
     role = by_kind(kustomize.render(MANIFESTS))[("ClusterRole", "unidra-kubelet-plugin")]
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
+    granted = _granted(role)
     # Leftover slices of this node (an older instance's): one is reused, the other deleted.
     for stale in ("stale-1", "stale-2"):
         api.create(
@@ -209,6 +205,17 @@ def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer
     assert used == granted
     (driver_rule,) = [r for r in role["rules"] if r["resources"] == ["resourceclaims/driver"]]
     assert driver_rule["resourceNames"] == ["unidra.dev"]
+
+
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) of every permission a ClusterRole grants."""
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
 
 def _fault(device: str):  # type: ignore[no-untyped-def]
@@ -256,3 +263,73 @@ def yaml_objects(path: Path) -> list[dict[str, Any]]:
     import yaml
 
     return [o for o in yaml.safe_load_all(path.read_text()) if o]
+
+
+# -- the fleet component ----------------------------------------------------------------------
+
+
+def fleet_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    directory = MANIFESTS / "components" / "fleet"
+    return by_kind(
+        [
+            o
+            for name in ("rbac.yaml", "deployment.yaml", "service.yaml")
+            for o in yaml_objects(directory / name)
+        ]
+    )
+
+
+def test_the_fleet_role_grants_exactly_the_reads_the_fleet_makes(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    from driver import fleet_service
+
+    role = fleet_objects()[("ClusterRole", "unidra-fleet")]
+    granted = _granted(role)
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    stop = threading.Event()
+    options = fleet_service.FleetOptions(kubeconfig=kubeconfig, watch=True, settle_seconds=0.0)
+    out = io.StringIO()
+    watching = threading.Thread(target=fleet_service.run, args=(options, out, stop))
+    watching.start()
+    try:
+        wait_until(lambda: out.getvalue(), what="the first report")
+        wait_until(
+            lambda: len({r.path for r in api.requests if "watch=true" in r.query}) == 4,
+            what="a watch of every kind",
+        )
+    finally:
+        stop.set()
+        watching.join(timeout=30)
+    used = {_verb(r.method, r.path, r.query) for r in api.requests if r.status != 404}
+    used.discard(None)
+    assert used == granted
+
+
+def test_the_fleet_deployment_runs_a_real_command_and_is_scraped() -> None:
+    objects = fleet_objects()
+    deployment = objects[("Deployment", "unidra-fleet")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert (
+        pod["serviceAccountName"] == objects[("ServiceAccount", "unidra-fleet")]["metadata"]["name"]
+    )
+    command = container["command"]
+    assert command[:2] == ["unidra", "fleet"]
+    args = cli.build_parser().parse_args(command[1:])
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert args.serve_metrics == f":{port}"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert (
+        pod["securityContext"]["runAsNonRoot"]
+        and container["securityContext"]["readOnlyRootFilesystem"]
+    )
+    service = objects[("Service", "unidra-fleet-metrics")]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    monitor = yaml_objects(MANIFESTS / "components/servicemonitor/servicemonitor.yaml")[0]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }

@@ -20,13 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from driver import daemon
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore
+from driver.fleet import DEFAULT_JOB_SIZES, Fleet, summarize_models
+from driver.fleet_metrics import FleetCollector, Summary
 from driver.health import HealthBoard
 from driver.inventory import LiveInventory
 from driver.locks import FileLocks
 from driver.metrics import DeviceCollector, SampleCache, sampling_loop
 from driver.model import DeviceSample, HealthEvent
 from driver.supervisor import Supervisor
-from support import kubelet
+from support import cluster, kubelet
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
@@ -241,6 +243,24 @@ def exported(text: str) -> dict[str, set[str]]:
     return labels
 
 
+def fleet_exported() -> dict[str, set[str]]:
+    """What `unidra fleet --serve-metrics` exports, for a node with a tainted and an allocated GPU."""
+    fleet = Fleet()
+    names = cluster.device_names()
+    for obj in cluster.node_slices("node-a", taints={names[0]: cluster.unhealthy()}):
+        fleet.apply("ResourceSlice", "ADDED", obj)
+    fleet.apply("ResourceClaim", "ADDED", cluster.claim("train", [("node-a", names[1])]))
+
+    def summary() -> Summary:
+        fleet.refresh()
+        groups = list(fleet.groups())
+        return groups, summarize_models(groups, DEFAULT_JOB_SIZES), {}
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(summary))
+    return exported(generate_latest(registry).decode())
+
+
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -293,7 +313,7 @@ def test_every_dashboard_query_names_metrics_and_labels_the_driver_exports(  # t
     claim = allocated_claim(api, "inference", [result("npu-0000-b1-00-0", "node-a", "npu")])
     assert plugin.prepare([claim])[claim[2]].error == ""
     wait_until(lambda: series(scrape(instance), "hw_power_watts"), what="a first sample")
-    metrics = exported(scrape(instance))
+    metrics = {**exported(scrape(instance)), **fleet_exported()}
     used: set[str] = set()
     for query in dashboard_queries():
         if query.startswith("label_values("):
@@ -311,6 +331,12 @@ def test_every_dashboard_query_names_metrics_and_labels_the_driver_exports(  # t
             available = set().union(*(metrics[s.name] for s in selectors(scope)))
             assert set(labels) <= available, f"{sorted(set(labels) - available)}: {query}"
     assert {"hw_status", "unidra_claim_device_info"} <= used
+    assert {
+        "unidra_fleet_devices",
+        "unidra_fleet_largest_free_group",
+        "unidra_fleet_fragmentation_ratio",
+        "unidra_fleet_device_taint_info",
+    } <= used
     assert {name.removesuffix("_total") for name in DEVICE_METRICS} <= {
         name.removesuffix("_total") for name in used
     }

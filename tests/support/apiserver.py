@@ -1,7 +1,8 @@
 """A Kubernetes API server for tests and benchmarks: real HTTP on loopback, real resourceVersion semantics.
 
 It stores objects in memory and implements what Unidra and the `kubernetes` client use: get,
-list with field and label selectors, watch (chunked JSON events, 410 Gone after compaction),
+list with field and label selectors and pages (limit/continue), watch (chunked JSON events,
+bookmarks, 410 Gone after compaction),
 create with generateName, replace with optimistic concurrency, merge patch, the status
 subresource, delete with preconditions, delete-collection, discovery, and /version.
 
@@ -11,6 +12,7 @@ stops listening on the port, like an API server that disappeared).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import json
@@ -35,6 +37,8 @@ RESOURCES: dict[tuple[str, str, str], tuple[str, bool]] = {
     ("resource.k8s.io", "v1", "resourceclaims"): ("ResourceClaim", True),
     ("resource.k8s.io", "v1", "resourceclaimtemplates"): ("ResourceClaimTemplate", True),
     ("resource.k8s.io", "v1", "deviceclasses"): ("DeviceClass", False),
+    # Beta in Kubernetes 1.36 (served when resource.k8s.io/v1beta2 is enabled).
+    ("resource.k8s.io", "v1beta2", "devicetaintrules"): ("DeviceTaintRule", False),
 }
 HISTORY_LIMIT = 100_000
 
@@ -376,17 +380,33 @@ class FakeApiServer:
         kind, _ = RESOURCES[gvr]
         with self._lock:
             items = [
-                copy.deepcopy(obj)
+                (key, obj)
                 for key, obj in sorted(self.store.objects.items())
                 if key[:3] == gvr
                 and (namespace is None or key[3] == namespace)
                 and _selected(obj, query)
             ]
+            version = self.store.rv
+            token = query.get("continue")
+            if token:
+                # Unlike etcd, later pages are not a snapshot of the first one's time; a client
+                # that then watches from the first page's version still sees every change.
+                start = json.loads(bytes.fromhex(token))
+                if start["rv"] < self.store.compacted_rv:
+                    return _status(410, "Expired", "the provided continue parameter is too old")
+                version = start["rv"]
+                items = [(k, o) for k, o in items if list(k) > start["after"]]
+            meta: dict[str, Any] = {"resourceVersion": str(version)}
+            limit = int(query.get("limit") or 0)
+            if 0 < limit < len(items):
+                items = items[:limit]
+                after = {"rv": version, "after": list(items[-1][0])}
+                meta["continue"] = json.dumps(after).encode().hex()
             return 200, {
                 "apiVersion": f"{gvr[0]}/{gvr[1]}" if gvr[0] else gvr[1],
                 "kind": kind + "List",
-                "metadata": {"resourceVersion": str(self.store.rv)},
-                "items": items,
+                "metadata": meta,
+                "items": [copy.deepcopy(obj) for _, obj in items],
             }
 
     def _watch_events(
@@ -422,7 +442,8 @@ class FakeApiServer:
                     return
         while time.monotonic() < deadline and self._httpd is not None:
             with self._lock:
-                pending = [e for e in self.store.events if e.rv > last]
+                events = self.store.events
+                pending = events[bisect.bisect_right(events, last, key=lambda e: e.rv) :]
             for event in pending:
                 last = event.rv
                 if event.key[:3] != gvr or (namespace is not None and event.key[3] != namespace):
@@ -433,6 +454,17 @@ class FakeApiServer:
                 if self.store.rv == last:
                     self.store.changed.wait(timeout=0.2)
             yield None
+        if query.get("allowWatchBookmarks") == "true" and self._httpd is not None:
+            # As kube-apiserver does before a watch times out: every event up to `last` was sent.
+            kind, _ = RESOURCES[gvr]
+            yield {
+                "type": "BOOKMARK",
+                "object": {
+                    "kind": kind,
+                    "apiVersion": f"{gvr[0]}/{gvr[1]}" if gvr[0] else gvr[1],
+                    "metadata": {"resourceVersion": str(last)},
+                },
+            }
 
 
 class _ReusableServer(ThreadingHTTPServer):
@@ -528,13 +560,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         _, namespaced = RESOURCES[gvr]
         ns = namespace if namespaced else ""
+        # A collection path without /namespaces/<ns>/ reads every namespace.
+        scope = (namespace or None) if namespaced else None
         api = self.api
         if method == "GET" and name is None and query.get("watch") in ("true", "1"):
-            self._watch(gvr, namespace if namespaced else None, query, parts)
+            self._watch(gvr, scope, query, parts)
             return
         if method == "GET":
             if name is None:
-                result = api._list(gvr, namespace if namespaced else None, query)
+                result = api._list(gvr, scope, query)
             else:
                 found = api.get(gvr[0], gvr[2], name, ns, gvr[1])
                 result = (
@@ -551,7 +585,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "DELETE" and name is not None:
             result = api._delete(gvr, ns, name, body)
         elif method == "DELETE":
-            result = self._delete_collection(gvr, namespace if namespaced else None, query)
+            result = self._delete_collection(gvr, scope, query)
         else:
             result = _status(405, "MethodNotAllowed", f"{method} not allowed on {parts.path}")
         self._send(*result, method, parts)
