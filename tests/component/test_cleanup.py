@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from driver import cdi, cli
-from support import kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from support.claims import allocated_claim, result
 
 

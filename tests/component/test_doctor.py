@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from driver import cli
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from support.hosts import FakeHost
 
 

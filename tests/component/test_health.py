@@ -16,8 +16,9 @@ import grpc
 import pytest
 
 from driver import daemon
-from support import commands, kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
+from support import commands
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 

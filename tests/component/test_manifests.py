@@ -17,9 +17,9 @@ import kubernetes_validate
 import pytest
 
 from driver import backends, cli
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.settings import Settings
 from support import kustomize
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 

@@ -20,14 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from driver import daemon
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.health import HealthBoard
 from driver.inventory import LiveInventory
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
 from driver.metrics import DeviceCollector, SampleCache, sampling_loop
 from driver.model import DeviceSample, HealthEvent
 from driver.supervisor import Supervisor
-from support import kubelet
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend

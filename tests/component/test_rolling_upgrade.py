@@ -17,9 +17,10 @@ import pytest
 
 from driver import cdi, daemon
 from driver.checkpoint import CheckpointStore
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
-from support import commands, kubelet
-from support.apiserver import FakeApiServer
+from support import commands
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
