@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 import kubernetes_validate
 import pytest
 
-from driver import backends, cli
+from driver import backends, cli, kubeapi
 from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.settings import Settings
 from support import kustomize
@@ -203,6 +203,7 @@ def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer
     used = {_verb(r.method, r.path, r.query) for r in api.requests}
     used.discard(None)
     assert used == granted
+    assert set(kubeapi.PERMISSIONS) == granted  # what `unidra doctor` asks the API server about
 
 
 def _fault(device: str):  # type: ignore[no-untyped-def]
