@@ -24,7 +24,7 @@ from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
-COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir())
+COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir() if p.name != "settings")
 KUBERNETES = "1.34.0"
 # Custom resources of other projects, which the Kubernetes schemas do not cover.
 CUSTOM = {
@@ -40,8 +40,9 @@ def everything(tmp_path_factory: pytest.TempPathFactory) -> Path:
     relative = os.path.relpath(MANIFESTS, directory)
     (directory / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {relative}/base\ncomponents:\n"
+        f"resources:\n  - {relative}/base\n  - {relative}/settings\ncomponents:\n"
         + "".join(f"  - {relative}/components/{name}\n" for name in COMPONENTS)
+        + f"  - {relative}/components/settings\n"
     )
     return directory
 
@@ -146,7 +147,7 @@ def test_privileged_variants_are_consistent(everything: Path) -> None:
 
 
 def test_node_selection_covers_every_backends_pci_match() -> None:
-    rule = yaml_objects(MANIFESTS / "components/node-selection/nodefeaturerule.yaml")[0]
+    rule = yaml_objects(MANIFESTS / "components/nfd/nodefeaturerule.yaml")[0]
     (term,) = rule["spec"]["rules"]
     published = set()
     for entry in term["matchAny"]:
@@ -160,8 +161,13 @@ def test_node_selection_covers_every_backends_pci_match() -> None:
         for match in getattr(backends.load_factory(name), "pci_matches", ()):
             wanted.add((f"{match.vendor:04x}", tuple(f"{c:04x}" for c in match.classes)))
     assert published == wanted
-    ds = daemonset(kustomize.render(MANIFESTS / "overlays/nvidia"))
-    assert ds["spec"]["template"]["spec"]["nodeSelector"] == term["labels"]
+    objects = kustomize.render(MANIFESTS / "overlays/nvidia")
+    # The NVIDIA overlay selects the label, and works without NFD's CRD.
+    assert not [o for o in objects if o["kind"] == "NodeFeatureRule"]
+    affinity = daemonset(objects)["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    (selector,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    ((label, value),) = term["labels"].items()
+    assert selector["matchExpressions"] == [{"key": label, "operator": "In", "values": [value]}]
 
 
 def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
