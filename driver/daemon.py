@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from driver import backends, kubeapi, slices
@@ -39,7 +39,7 @@ from driver.kubelet.registration import RegistrationServicer, RegistrationState
 from driver.kubelet.server import PluginServers, UnixServer
 from driver.kubelet.service import DRA_SERVICES, add_dra_services
 from driver.locks import FileLocks
-from driver.metrics import DeviceCollector, DriverMetrics, SampleCache, sampling_loop
+from driver.metrics import DeviceCollector, DriverMetrics, SampleCache, sampling_loop, wsgi_app
 from driver.model import HealthEvent, Partition
 from driver.prepare import ClaimSource, Preparer, Timings
 from driver.publisher import Plan, Publisher
@@ -414,7 +414,7 @@ def _serve_metrics(settings: Settings, registry: CollectorRegistry) -> WSGIServe
     host, port = endpoint
     try:
         server = make_server(
-            host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler
+            host, port, wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler
         )
     except OSError as err:
         raise FatalError(

@@ -314,3 +314,18 @@ def test_every_dashboard_query_names_metrics_and_labels_the_driver_exports(  # t
     assert {name.removesuffix("_total") for name in DEVICE_METRICS} <= {
         name.removesuffix("_total") for name in used
     }
+
+
+def test_metrics_only_on_metrics_and_no_created_series(mixed) -> None:  # type: ignore[no-untyped-def]
+    import urllib.error
+
+    instance, _ = mixed
+    assert "_created" not in scrape(instance)
+    assert instance.metrics_server is not None
+    for path in ("/", "/healthz"):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{instance.metrics_server.server_port}{path}", timeout=5
+            )
+        assert answer.value.code == 404
+        answer.value.close()
