@@ -112,7 +112,8 @@ def load_factory(name: str) -> BackendFactory:
         module_name, _, attribute = name.partition(":")
         try:
             factory: BackendFactory = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as err:
+        except (ImportError, AttributeError, ValueError, TypeError) as err:
+            # ValueError and TypeError: not a module name ("", "..x").
             raise BackendUnavailable(f"backend {name!r} cannot be imported: {err}") from err
         return factory
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
@@ -124,7 +125,11 @@ def load_factory(name: str) -> BackendFactory:
 
 def create(name: str, context: BackendContext) -> Backend:
     """Load and construct one backend; BackendUnavailable carries the one-line reason if it cannot run."""
-    backend = load_factory(name)(context)
+    factory = load_factory(name)
+    try:
+        backend = factory(context)
+    except TypeError as err:  # a `module:attribute` that is not a backend class
+        raise BackendUnavailable(f"backend {name!r} cannot be constructed: {err}") from err
     if not isinstance(backend, Backend):
         raise BackendUnavailable(f"backend {name!r} does not implement the Backend protocol")
     return backend

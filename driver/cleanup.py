@@ -7,7 +7,6 @@ control socket, because that instance would rewrite what is removed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -17,40 +16,38 @@ from driver.errors import UnidraError
 from driver.kubelet import sockets
 
 
-def running_instances(plugin_dir: Path) -> list[Path]:
-    """Control sockets of instances that still answer."""
-    alive = []
-    for path in sockets.control_sockets(plugin_dir):
-        with contextlib.suppress(UnidraError):
-            control.request(path, {"command": "health"}, timeout=5)
-            alive.append(path)
-    return alive
-
-
 def clean(
-    *, driver: str, cdi_root: Path, plugins_dir: Path, registrar_dir: Path, force: bool = False
+    *,
+    driver: str,
+    cdi_root: Path,
+    plugins_dir: Path,
+    registrar_dir: Path,
+    force: bool = False,
+    dry_run: bool = False,
 ) -> list[Path]:
-    """Remove the driver's node state; returns what was removed."""
+    """Remove the driver's node state; returns what was removed (with `dry_run`, what would be)."""
     plugin_dir = plugins_dir / driver
-    alive = running_instances(plugin_dir)
+    alive = control.answering(sockets.control_sockets(plugin_dir))
     if alive and not force:
         raise UnidraError(
             f"{len(alive)} Unidra instance(s) still running on this node ({alive[0]}); "
             "uninstall the DaemonSet first"
         )
-    removed: list[Path] = []
-    for path in sorted(cdi.claim_specs(cdi_root, driver).values()):
+    specs = sorted(cdi.claim_specs(cdi_root, driver).values())
+    registrations = sorted(registrar_dir.glob(f"{driver}-*reg.sock"))
+    # The plugin directory may be a mount point of the cleanup pod: empty it rather than remove it.
+    owned = (
+        sorted(plugin_dir.iterdir()) if plugin_dir.is_dir() and not plugin_dir.is_symlink() else []
+    )
+    if dry_run:
+        return [*specs, *registrations, *owned]
+    for path in specs:
         path.unlink(missing_ok=True)
-        removed.append(path)
-    for path in sorted(registrar_dir.glob(f"{driver}-*reg.sock")):
+    for path in registrations:
         sockets.clear_stale(path)
-        removed.append(path)
-    if plugin_dir.is_dir() and not plugin_dir.is_symlink():
-        # The directory may be a mount point of the cleanup pod: empty it rather than remove it.
-        for entry in sorted(plugin_dir.iterdir()):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                os.unlink(entry)
-            removed.append(entry)
-    return removed
+    for entry in owned:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            os.unlink(entry)
+    return [*specs, *registrations, *owned]

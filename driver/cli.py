@@ -5,36 +5,112 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from driver import __version__, backends, inspect, inventory, logs
 from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
 from driver.fleet import DEFAULT_JOB_SIZES
-from driver.settings import DEFAULT_DRIVER_NAME, Settings, metrics_endpoint
+from driver.settings import DEFAULT_DRIVER_NAME, Settings, check_driver_name, metrics_endpoint
 
 PLUGINS_DIR = "/var/lib/kubelet/plugins"
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the flag, what was wrong, and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _FromEnv(str):
+    """A default read from the environment: a bad value is reported under the variable's name."""
+
+    env: str
+
+    def __new__(cls, value: str, env: str) -> _FromEnv:
+        item = super().__new__(cls, value)
+        item.env = env
+        return item
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
-    return value if value else default
+    return _FromEnv(value, name) if value else default
 
 
 def _env_name(flag: str) -> str:
     return "UNIDRA_" + flag.removeprefix("--").replace("-", "_").upper()
 
 
+def _typed(parse: Callable[[str], T], accepted: str) -> Callable[[str], T]:
+    """An argparse type: `parse` raises ValueError on bad input; the error names what is accepted."""
+
+    def convert(raw: str) -> T:
+        try:
+            return parse(raw)
+        except (ValueError, KeyError):
+            if isinstance(raw, _FromEnv):
+                raise ConfigError(raw.env, f"{str(raw)!r} is not {accepted}") from None
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {accepted}") from None
+
+    convert.__name__ = accepted  # argparse names the type in some messages
+    return convert
+
+
+def _number(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _integer(raw: str) -> int:
+    return int(raw.strip())
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _boolean(raw: str) -> bool:
+    return _BOOLEANS[raw.strip().lower()]
+
+
+def _verbosity(raw: str) -> int:
+    named = {"info": 0, "debug": 1}
+    value = named[raw.strip().lower()] if raw.strip().lower() in named else int(raw.strip())
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(raw)
+        return raw
+
+    return parse
+
+
+SECONDS = _typed(_number, "a number of seconds")
+BOOLEAN = _typed(_boolean, "a boolean: true, false, 1, 0, yes or no")
+VERBOSITY = _typed(_verbosity, "a verbosity: 0 or info, 1 or debug")
+
+
 def _seconds(parser: argparse.ArgumentParser, flag: str, default: float, help: str) -> None:
     env = _env_name(flag)
     parser.add_argument(
         flag,
-        type=float,
-        default=float(_env(env) or default),
+        type=SECONDS,
+        default=_env(env) or default,
         help=f"{help} [env {env}, default {default}]",
     )
 
@@ -89,11 +165,14 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--partitions",
-        action="store_true",
-        default=_env("UNIDRA_PARTITIONS", "") in ("1", "true", "yes"),
+        nargs="?",
+        const=True,
+        type=BOOLEAN,
+        default=_env("UNIDRA_PARTITIONS") or False,
+        metavar="BOOL",
         help="also publish partitions sharing counters with their device, for the backends that can "
         "prepare them (simulated, furiosa; see docs/backends.md); needs Kubernetes 1.35+ with "
-        "DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
+        "DRAPartitionableDevices [env UNIDRA_PARTITIONS: true or false]",
     )
     _directory(
         parser,
@@ -104,9 +183,7 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="unidra", description="One Kubernetes DRA driver for every accelerator."
-    )
+    parser = _Parser(prog="unidra", description="One Kubernetes DRA driver for every accelerator.")
     parser.add_argument("--version", action="version", version=f"unidra {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plugin.add_argument(
         "--healthcheck-port",
-        type=int,
-        default=int(_env("UNIDRA_HEALTHCHECK_PORT") or 51515),
+        type=_typed(_integer, "a TCP port number, or -1 to disable"),
+        default=_env("UNIDRA_HEALTHCHECK_PORT") or 51515,
         help="TCP port of the gRPC health service for the liveness probe, -1 to disable "
         "[env UNIDRA_HEALTHCHECK_PORT, default 51515]",
     )
@@ -165,16 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--fault", help="xid-<number> (e.g. xid-79), ecc-dbe, lost or overheat (inject)"
     )
-    simulate.add_argument(
-        "--driver-name",
-        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
-        help="DRA driver name of the daemon",
-    )
+    _driver_name(simulate)
     _directory(
         simulate,
         "--kubelet-plugins-directory-path",
         PLUGINS_DIR,
         "kubelet's plugins directory, where the daemon's control socket is",
+    )
+    simulate.add_argument(
+        "--pod-uid",
+        default=_env("POD_UID"),
+        help="the daemon of this pod, when several run on the node (rolling upgrade) [env POD_UID]",
+    )
+    simulate.add_argument(
+        "--socket",
+        type=Path,
+        help="the daemon's control socket, instead of finding it in the plugins directory",
     )
 
     doctor = commands.add_parser(
@@ -188,9 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup",
         help="after uninstalling: remove this driver's CDI specs, checkpoint and sockets from the node",
     )
-    _add_node_flags(cleanup)
+    _add_directory_flags(cleanup)
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     cleanup.add_argument(
         "--force", action="store_true", help="even while an instance still answers (not advised)"
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole story on this machine, no cluster and no GPU: publish, allocate, prepare, "
+        "fail, recover",
+    )
+    demo.add_argument(
+        "--profile",
+        default="dgx-h100",
+        help="the simulated node (a built-in profile or a profile file) [default dgx-h100]",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the demo's private directory (sockets, checkpoint, CDI specs, log) afterwards",
     )
 
     show = commands.add_parser("inspect", help="show the accelerators Unidra finds on this machine")
@@ -205,29 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("NODE_NAME"),
         help="node (pool) name [env NODE_NAME, default hostname]",
     )
-    show.add_argument(
-        "--driver-name",
-        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
-        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
-    )
+    _driver_name(show)
     show.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=None)
 
     _add_fleet_command(commands)
     return parser
 
 
-def _add_fleet_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_fleet_command(commands: argparse._SubParsersAction[_Parser]) -> None:
     fleet = commands.add_parser(
         "fleet",
         help="report every node's accelerators: free, allocated, tainted, largest free group, "
         "fragmentation, who holds what (read-only)",
     )
-    fleet.add_argument(
-        "--kubeconfig",
-        type=Path,
-        default=_env("KUBECONFIG"),
-        help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
-    )
+    _kubeconfig(fleet)
     fleet.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     fleet.add_argument(
         "--watch",
@@ -254,17 +345,22 @@ def _add_fleet_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     """Where the daemon meets kubelet, the runtime and the API server."""
     parser.add_argument("--node-name", default=_env("NODE_NAME"), help="this node [env NODE_NAME]")
-    parser.add_argument(
-        "--driver-name",
-        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
-        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
-    )
+    _kubeconfig(parser)
+    _add_directory_flags(parser)
+
+
+def _kubeconfig(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kubeconfig",
         type=Path,
         default=_env("KUBECONFIG"),
         help="kubeconfig file; in-cluster config when absent [env KUBECONFIG]",
     )
+
+
+def _add_directory_flags(parser: argparse.ArgumentParser) -> None:
+    """The driver's name and the node directories it owns files in."""
+    _driver_name(parser)
     _directory(parser, "--cdi-root", "/var/run/cdi", "directory for transient CDI specs")
     _directory(
         parser,
@@ -277,10 +373,34 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _driver_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--driver-name",
+        type=_checked(check_driver_name),
+        default=_env("UNIDRA_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+        help=f"DRA driver name [env UNIDRA_DRIVER_NAME, default {DEFAULT_DRIVER_NAME}]",
+    )
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a check that raises ConfigError: the same message for flag and env."""
+
+    def convert(raw: str) -> str:
+        try:
+            return check(raw)
+        except ConfigError as err:
+            if isinstance(raw, _FromEnv):
+                raise ConfigError(raw.env, err.problem) from None
+            raise argparse.ArgumentTypeError(err.problem) from None
+
+    return convert
+
+
 def _add_log_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),
+        type=_typed(_one_of("text", "json"), "a log format: text or json"),
         default=_env("UNIDRA_LOG_FORMAT", "text"),
         help="log line format [env UNIDRA_LOG_FORMAT, default text]",
     )
@@ -288,8 +408,7 @@ def _add_log_flags(parser: argparse.ArgumentParser) -> None:
         "-v",
         "--verbose",
         action="count",
-        default=int(_env("UNIDRA_VERBOSITY", "0") or 0),
-        help="debug logs",
+        help="debug logs [env UNIDRA_VERBOSITY: 0 or info, 1 or debug]",
     )
 
 
@@ -305,6 +424,12 @@ def _backend_selection(
             raise ConfigError("--backend-option", f"{item!r} is not BACKEND.KEY=VALUE")
         options.setdefault(backend, {})[key] = value
     if args.simulate:
+        if args.vendors:
+            raise ConfigError(
+                "--vendors",
+                f"cannot be combined with --simulate ({args.simulate} serves only simulated devices); "
+                "drop one of them",
+            )
         options.setdefault("simulated", {})["profile"] = args.simulate
         if args.simulate_dev_root:
             options["simulated"]["dev-root"] = args.simulate_dev_root
@@ -347,6 +472,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _inspect(args: argparse.Namespace) -> int:
     from vendors.simulated import profiles
 
+    if args.slices and args.output == "table":
+        raise ConfigError("--output", "--slices prints ResourceSlices as yaml or json, not a table")
     names, options = _backend_selection(args)
     not_picked: dict[str, str] = {}
     if not names:
@@ -365,20 +492,24 @@ def _inspect(args: argparse.Namespace) -> int:
     if warning:
         print(f"unidra: {warning}", file=sys.stderr)
     partitions = list(found.partitions.values())
+    # A backend that was asked for, or that the PCI bus called for, and did not run is a failure.
+    status = 1 if failures else 0
     if args.slices:
         print(
             inspect.slices_document(
                 found, driver=args.driver_name, node=node, output=args.output or "yaml"
             )
         )
-        return 0
+        _warn(failures)
+        return status
     if args.output in ("json", "yaml"):
         print(
             inspect.devices_document(
                 found.devices, {**not_picked, **failures}, args.output, partitions
             )
         )
-        return 0
+        _warn(failures)
+        return status
     if found.devices:
         print(inspect.table(found.devices, partitions))
     else:
@@ -388,7 +519,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if not args.simulate and not found.devices:
         print("Try a simulated node: unidra inspect --simulate PROFILE, with PROFILE one of:")
         print("  " + ", ".join(profiles.builtin_names()))
-    return 0
+    return status
+
+
+def _warn(failures: dict[str, str]) -> None:
+    for name, reason in sorted(failures.items()):
+        print(f"unidra: backend {name}: {reason}", file=sys.stderr)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -399,9 +535,16 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ConfigError("--device", "is required")
     if args.action == "inject" and not args.fault:
         raise ConfigError("--fault", "is required: xid-<number>, ecc-dbe, lost or overheat")
-    answer = control.broadcast(
-        sockets.control_sockets(args.kubelet_plugins_directory_path / args.driver_name),
-        {"command": args.action, "device": args.device, "fault": args.fault},
+    plugin_dir = args.kubelet_plugins_directory_path / args.driver_name
+    if args.socket:
+        target = args.socket
+    elif args.pod_uid:
+        target = sockets.control_socket(plugin_dir, args.pod_uid)
+    else:
+        target = control.choose(sockets.control_sockets(plugin_dir), plugin_dir)
+    print(f"daemon: {target}", file=sys.stderr)
+    answer = control.request(
+        target, {"command": args.action, "device": args.device, "fault": args.fault}
     )
     if "error" in answer:
         print(f"unidra: {answer['error']}", file=sys.stderr)
@@ -409,9 +552,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.action == "health":
         for item in answer["devices"]:
             print(f"{item['device']}  {item['health']}  {item['message']}".rstrip())
-    else:
-        state = "healthy" if answer["healthy"] else "unhealthy"
-        print(f"{answer['device']}: {answer['kind']} {answer['code']} ({state})".replace("  ", " "))
+        return 0
+    print(control.describe(answer))
     return 0
 
 
@@ -428,10 +570,11 @@ def _doctor(args: argparse.Namespace) -> int:
         node_name=args.node_name or socket.gethostname(),
         vendors=names,
         options=options,
+        partitions=args.partitions,
     )
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     api = (
-        (lambda: kubeapi.SliceApi(kubeapi.build_client(args.kubeconfig)))
+        (lambda: kubeapi.Preflight(kubeapi.build_client(args.kubeconfig)))
         if args.kubeconfig or in_cluster
         else None
     )
@@ -444,8 +587,12 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _kubelet_plugin(args: argparse.Namespace) -> int:
+    from driver import kubeapi
+
+    verbosity = args.verbose or VERBOSITY(_env("UNIDRA_VERBOSITY") or "0")
     settings = _settings(args)
-    logs.setup(args.log_format, args.verbose)
+    kubeapi.require_kubeconfig(settings.kubeconfig)
+    logs.setup(args.log_format, verbosity)
     from driver import daemon
 
     return daemon.run(settings)
@@ -460,10 +607,12 @@ def _cleanup(args: argparse.Namespace) -> int:
         plugins_dir=args.kubelet_plugins_directory_path,
         registrar_dir=args.kubelet_registrar_directory_path,
         force=args.force,
+        dry_run=args.dry_run,
     )
+    verb = "would remove" if args.dry_run else "removed"
     for path in removed:
-        print(f"removed {path}")
-    print(f"{len(removed)} file(s) of {args.driver_name} removed from this node")
+        print(f"{verb} {path}")
+    print(f"{len(removed)} file(s) of {args.driver_name} {verb} from this node")
     return 0
 
 
@@ -491,8 +640,13 @@ def _fleet(args: argparse.Namespace) -> int:
     return fleet_service.run(options, sys.stdout)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from driver.demo import story
+
+    return story.run(profile=args.profile, keep=args.keep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     commands = {
         "kubelet-plugin": _kubelet_plugin,
         "inspect": _inspect,
@@ -500,15 +654,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _doctor,
         "cleanup": _cleanup,
         "fleet": _fleet,
+        "demo": _demo,
     }
     try:
-        return commands[args.command](args)
+        args = build_parser().parse_args(argv)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except ConfigError as err:
         print(f"unidra: invalid setting: {err}", file=sys.stderr)
         return 2
     except UnidraError as err:
         print(f"unidra: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `unidra inspect -o json | head`: the reader left; say nothing, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except KeyboardInterrupt:
         return 130
 

@@ -12,7 +12,7 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,21 +91,44 @@ def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[
     return answer
 
 
-def broadcast(paths: Sequence[Path], message: dict[str, Any]) -> dict[str, Any]:
-    """Send a request to every instance on the node (two during a rolling upgrade).
-
-    Returns the first answer, or the first error answer; sockets left by dead instances are skipped.
-    """
-    answers, failures = [], []
+def answering(paths: Iterable[Path]) -> list[Path]:
+    """The control sockets whose daemon answers; sockets left by dead instances are skipped."""
+    alive = []
     for path in paths:
         try:
-            answers.append(request(path, message))
-        except UnidraError as err:
-            failures.append(str(err))
-    if not answers:
+            request(path, {"command": "health"}, timeout=5)
+        except UnidraError:
+            continue
+        alive.append(path)
+    return alive
+
+
+def choose(candidates: Sequence[Path], where: Path) -> Path:
+    """The one answering daemon among `candidates` (the control sockets in `where`); never a guess."""
+    alive = answering(candidates)
+    if not alive:
         raise UnidraError(
-            failures[0]
-            if failures
-            else "no daemon control socket: is `unidra kubelet-plugin` running here?"
+            f"no daemon answers in {where}: is `unidra kubelet-plugin` running here "
+            "(with the same --driver-name and --kubelet-plugins-directory-path)?"
         )
-    return next((a for a in answers if "error" in a), answers[0])
+    if len(alive) > 1:
+        names = ", ".join(p.name for p in alive)
+        raise UnidraError(
+            f"{len(alive)} daemons answer in {where} ({names}); "
+            "name one with --pod-uid UID or --socket PATH"
+        )
+    return alive[0]
+
+
+def describe(answer: Mapping[str, Any]) -> str:
+    """One line for an inject or recover answer, saying when the device's state will change."""
+    what = " ".join(str(p) for p in (answer["kind"], answer.get("code")) if p)
+    if not answer["healthy"]:
+        return f"{answer['device']}: {what}: unhealthy"
+    hold = float(answer.get("hold_seconds") or 0)
+    if hold > 0:
+        return (
+            f"{answer['device']}: recovery reported; it stays unhealthy (and tainted) "
+            f"{hold:.0f} s more, the minimum hold after a fault, then clears"
+        )
+    return f"{answer['device']}: recovered (healthy)"

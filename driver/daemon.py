@@ -445,4 +445,6 @@ def _control(request: dict[str, Any], live: LiveInventory, board: HealthBoard) -
         "kind": event.kind,
         "code": event.code,
         "healthy": event.healthy,
+        # A recovery clears nothing before the minimum hold is over: say how long that is.
+        "hold_seconds": board.hold_left(event.device) if event.healthy else 0.0,
     }

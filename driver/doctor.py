@@ -1,9 +1,12 @@
 """`unidra doctor`: check a node's prerequisites and say exactly what is missing and how to fix it.
 
-Each check returns findings; nothing here changes the node. The checks read the host under
-`host_root`, the kubelet and CDI directories as the daemon would use them, the container
-runtime's configuration, the vendor stacks (by constructing each backend the PCI bus calls for),
-a running daemon's control sockets, and the API server when credentials are available.
+Each check returns findings; nothing here changes the node or the cluster. The checks read
+exactly the directories the daemon writes (the DaemonSet mounts those, not their parents) and
+the host trees it reads under `host_root`, the container runtime's configuration where it is
+visible, the vendor stacks (by constructing each backend the PCI bus calls for), a running
+daemon's control sockets, and, with credentials, the API server: the versions it serves, the
+node, the credentials' own access (SelfSubjectAccessReview) and, by a dry-run write, which
+gated ResourceSlice fields it keeps.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from driver import backends, control, inventory, kubeapi, pci
 from driver.backends import BackendContext
 from driver.errors import FatalError, UnidraError
 from driver.kubelet import sockets
+from driver.settings import DEFAULT_DRIVER_NAME
 
 
 class Status(enum.StrEnum):
@@ -48,14 +52,14 @@ class Target:
     node_name: str
     vendors: tuple[str, ...] = ()
     options: Mapping[str, Mapping[str, str]] | None = None
-    kubeconfig: Path | None = None
+    partitions: bool = False
 
     @property
     def plugin_dir(self) -> Path:
         return self.plugins_dir / self.driver_name
 
 
-def run(target: Target, api: Callable[[], kubeapi.SliceApi] | None = None) -> list[Finding]:
+def run(target: Target, api: Callable[[], kubeapi.Preflight] | None = None) -> list[Finding]:
     """Every check, in the order an operator would fix them."""
     return [
         *directories(target),
@@ -64,7 +68,7 @@ def run(target: Target, api: Callable[[], kubeapi.SliceApi] | None = None) -> li
         *vendor_stacks(target),
         *nvidia_driver(target),
         *running_daemon(target),
-        *api_server(api),
+        *api_server(target, api),
     ]
 
 
@@ -76,6 +80,7 @@ def failed(findings: Iterable[Finding]) -> bool:
 
 
 def directories(target: Target) -> list[Finding]:
+    """The directories the daemon writes and the host trees it reads, as the DaemonSet mounts them."""
     return [
         _directory(
             "kubelet registration directory",
@@ -83,9 +88,10 @@ def directories(target: Target) -> list[Finding]:
             "kubelet's plugin watcher looks there; mount the host's directory at the same path",
         ),
         _directory(
-            "kubelet plugins directory",
-            target.plugins_dir,
+            "plugin directory",
+            target.plugin_dir,
             "the DRA socket and the checkpoint live there; mount the host's directory at the same path",
+            creatable=True,
         ),
         _directory(
             "CDI directory",
@@ -93,10 +99,19 @@ def directories(target: Target) -> list[Finding]:
             "the container runtime reads CDI specs from it; mount the host's /var/run/cdi",
             creatable=True,
         ),
+        *(
+            _readable(check, target.host_root / tree, why)
+            for check, tree, why in (
+                ("host sysfs", "sys", "PCI devices, NUMA and sensors; mount the host's /sys"),
+                ("host devfs", "dev", "device numbers for CDI specs; mount the host's /dev"),
+            )
+            if target.vendors != ("simulated",)  # simulated devices read neither
+        ),
     ]
 
 
 def _directory(check: str, path: Path, why: str, creatable: bool = False) -> Finding:
+    """`path` must be a writable directory, or (when `creatable`) one the daemon can create."""
     if path.is_dir():
         if os.access(path, os.W_OK | os.X_OK):
             return Finding(Status.OK, check, f"{path} is writable")
@@ -107,6 +122,12 @@ def _directory(check: str, path: Path, why: str, creatable: bool = False) -> Fin
     if creatable and os.access(parent, os.W_OK | os.X_OK):
         return Finding(Status.OK, check, f"{path} does not exist yet; it will be created")
     return Finding(Status.FAIL, check, f"{path} does not exist: {why}")
+
+
+def _readable(check: str, path: Path, why: str) -> Finding:
+    if path.is_dir() and os.access(path, os.R_OK | os.X_OK):
+        return Finding(Status.OK, check, f"{path} is readable")
+    return Finding(Status.FAIL, check, f"{path} is not a readable directory: {why}")
 
 
 def socket_paths(target: Target) -> list[Finding]:
@@ -142,17 +163,18 @@ def runtime_cdi(host_root: Path, cdi_root: Path) -> list[Finding]:
     if crio:
         findings.append(_crio(crio, cdi_root))
     if not findings:
+        # The DaemonSet does not mount the host's /etc, so in its pod this cannot be judged.
         hint = (
             ""
             if host_root == Path("/")
-            else f" (mount the host's /etc/containerd or /etc/crio under {host_root / 'etc'} to check)"
+            else "; the DaemonSet does not mount the host's /etc: run `unidra doctor` on the node, "
+            f"or mount the host's /etc/containerd or /etc/crio under {host_root / 'etc'}"
         )
         findings.append(
             Finding(
                 Status.SKIP,
                 "container runtime CDI",
-                f"no containerd or CRI-O configuration in {host_root / 'etc'}; "
-                f"cannot tell whether CDI is enabled{hint}",
+                f"no containerd or CRI-O configuration in {host_root / 'etc'}: not checked{hint}",
             )
         )
     return findings
@@ -304,13 +326,7 @@ def nvidia_driver(target: Target) -> list[Finding]:
 
 
 def running_daemon(target: Target) -> list[Finding]:
-    answering = 0
-    for path in sockets.control_sockets(target.plugin_dir):
-        try:
-            control.request(path, {"command": "health"}, timeout=5)
-            answering += 1
-        except UnidraError:
-            continue
+    answering = len(control.answering(sockets.control_sockets(target.plugin_dir)))
     if answering:
         return [
             Finding(
@@ -326,7 +342,7 @@ def running_daemon(target: Target) -> list[Finding]:
     ]
 
 
-def api_server(api: Callable[[], kubeapi.SliceApi] | None) -> list[Finding]:
+def api_server(target: Target, api: Callable[[], kubeapi.Preflight] | None) -> list[Finding]:
     check = "API server"
     if api is None:
         return [
@@ -337,7 +353,8 @@ def api_server(api: Callable[[], kubeapi.SliceApi] | None) -> list[Finding]:
             )
         ]
     try:
-        version, served = api().server_version()
+        preflight = api()
+        version, served = preflight.server_version()
     except UnidraError as err:
         return [Finding(Status.FAIL, check, f"unreachable: {err}")]
     if "v1" not in served:
@@ -345,11 +362,133 @@ def api_server(api: Callable[[], kubeapi.SliceApi] | None) -> list[Finding]:
             Finding(
                 Status.FAIL,
                 check,
-                f"{version} does not serve resource.k8s.io/v1 (serves {served or 'none'}); "
-                "Unidra needs Kubernetes 1.34 or newer",
+                f"{version} does not serve resource.k8s.io/v1 (serves {', '.join(served) or 'none'}); "
+                "Unidra needs Kubernetes 1.34 or newer with DynamicResourceAllocation",
             )
         ]
-    return [Finding(Status.OK, check, f"{version}, resource.k8s.io/v1 served")]
+    findings = [Finding(Status.OK, check, f"{version}, resource.k8s.io/v1 served")]
+    try:
+        findings.append(_node(target, preflight))
+        findings.append(_access(preflight, target.driver_name))
+        findings += features(target, preflight)
+    except UnidraError as err:
+        findings.append(Finding(Status.FAIL, check, str(err)))
+    return findings
+
+
+def _node(target: Target, preflight: kubeapi.Preflight) -> Finding:
+    if preflight.node_exists(target.node_name):
+        return Finding(Status.OK, "node", f"{target.node_name} exists")
+    return Finding(
+        Status.FAIL,
+        "node",
+        f"no Node named {target.node_name!r} in the cluster: --node-name (NODE_NAME) must be the "
+        "node's name in Kubernetes (`kubectl get nodes`)",
+    )
+
+
+def _access(preflight: kubeapi.Preflight, driver: str) -> Finding:
+    """Every call the daemon makes, asked of the API server for these credentials."""
+    denied = []
+    for group, resource, verb in kubeapi.PERMISSIONS:
+        name = driver if resource in kubeapi.NAMED_BY_DRIVER else ""
+        allowed, _ = preflight.allowed(group, resource, verb, name)
+        if not allowed:
+            denied.append(f"{verb} {resource}" + (f".{group}" if group else ""))
+    if denied:
+        return Finding(
+            Status.FAIL,
+            "permissions",
+            f"these credentials may not {', '.join(denied)}; the driver's ClusterRole "
+            "(manifests/base/rbac.yaml) grants them",
+        )
+    return Finding(
+        Status.OK, "permissions", f"all {len(kubeapi.PERMISSIONS)} API calls of the driver allowed"
+    )
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A gated ResourceSlice field: its check, gate, field, and what is lost without it."""
+
+    check: str
+    gate: str
+    field: str
+    without: str
+
+    def status_when_off(self, target: Target) -> Status:
+        if self.field == "consumesCounters":
+            return Status.FAIL if target.partitions else Status.SKIP
+        if self.field == "taints":
+            return Status.WARN  # health still reaches the stream, claim status and metrics
+        return Status.SKIP  # nothing Unidra publishes needs it yet
+
+
+FEATURES = (
+    Feature("device taints", "DRADeviceTaints", "taints", "unhealthy devices get no taint"),
+    Feature(
+        "partitions",
+        "DRAPartitionableDevices",
+        "consumesCounters",
+        "--partitions cannot publish MIG or compute partitions",
+    ),
+    Feature(
+        "consumable capacity",
+        "DRAConsumableCapacity",
+        "allowMultipleAllocations",
+        "claims cannot share a device by capacity",
+    ),
+)
+
+
+def features(target: Target, preflight: kubeapi.Preflight) -> list[Finding]:
+    """Which gated fields the API server keeps: a dry-run create of probe slices, nothing stored."""
+    devices, counters = _probe_slices(target)
+    try:
+        kept = (preflight.dry_run(devices)["spec"].get("devices") or [{}])[0]
+        counters_kept = bool(preflight.dry_run(counters)["spec"].get("sharedCounters"))
+    except UnidraError as err:
+        return [Finding(Status.WARN, "feature gates", f"cannot probe with a dry-run write: {err}")]
+    findings = []
+    for feature in FEATURES:
+        on = feature.field in kept and (feature.field != "consumesCounters" or counters_kept)
+        if on:
+            findings.append(Finding(Status.OK, feature.check, f"{feature.gate} is on"))
+        else:
+            findings.append(
+                Finding(
+                    feature.status_when_off(target),
+                    feature.check,
+                    f"{feature.gate} is off in the API server (it drops the field): {feature.without}",
+                )
+            )
+    return findings
+
+
+def _probe_slices(target: Target) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two slices as the daemon would write them, using every gated field once."""
+    driver = target.driver_name or DEFAULT_DRIVER_NAME
+    pool = {"name": target.node_name, "generation": 0, "resourceSliceCount": 2}
+
+    def spec(**fields: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {"generateName": f"{target.node_name}-{driver}-doctor-"},
+            "spec": {"driver": driver, "nodeName": target.node_name, "pool": pool, **fields},
+        }
+
+    device = {
+        "name": "doctor-probe",
+        "capacity": {"memory": {"value": "1Gi"}},
+        "taints": [{"key": f"{driver}/unhealthy", "value": "probe", "effect": "NoSchedule"}],
+        "allowMultipleAllocations": True,
+        "consumesCounters": [
+            {"counterSet": "doctor-probe", "counters": {"memory": {"value": "1Gi"}}}
+        ],
+    }
+    counters = [{"name": "doctor-probe", "counters": {"memory": {"value": "1Gi"}}}]
+    return spec(devices=[device]), spec(sharedCounters=counters)
 
 
 def report(findings: Sequence[Finding]) -> str:

@@ -174,6 +174,18 @@ class HealthBoard:
             effects = [c.effect for c in state.conditions.values() if c.effect] if state else []
         return max(effects, key=_RANK.__getitem__) if effects else None
 
+    def hold_left(self, device: str) -> float:
+        """Seconds until every active condition of the device is past its minimum hold."""
+        now = self.clock()
+        with self._lock:
+            state = self._states.get(device)
+            ends = (
+                [c.raised + self.min_hold_seconds for c in state.conditions.values()]
+                if state
+                else []
+            )
+        return max([0.0, *(end - now for end in ends)])
+
     def updated(self, device: str) -> float:
         with self._lock:
             state = self._states.get(device)

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from driver.claims import ClaimRef
-from driver.errors import ClaimError, FatalError, RetryableError, UnidraError
+from driver.errors import ClaimError, ConfigError, FatalError, RetryableError, UnidraError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,22 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = (5.0, 15.0)
 
 
+def require_kubeconfig(kubeconfig: Path | None) -> None:
+    """A kubeconfig that was named must exist (KUBECONFIG may list several, colon-separated)."""
+    if kubeconfig is not None and not any(
+        Path(part).is_file() for part in str(kubeconfig).split(":") if part
+    ):
+        raise ConfigError(
+            "--kubeconfig",
+            f"{kubeconfig} is not a file (set --kubeconfig or KUBECONFIG to a kubeconfig file, "
+            "or leave both unset inside a pod)",
+        )
+
+
 def build_client(kubeconfig: Path | None) -> client.ApiClient:
     """A client from a kubeconfig file, or from the in-cluster service account when none is given."""
     configuration = client.Configuration()
+    require_kubeconfig(kubeconfig)
     try:
         if kubeconfig is not None:
             config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
@@ -61,8 +74,31 @@ class Conflict(RetryableError):
     """An optimistic-concurrency write lost a race; re-read and try again."""
 
 
+class NotFound(ClaimError):
+    """The object does not exist (404)."""
+
+
 RESOURCE = "/apis/resource.k8s.io/v1"
 SLICES = f"{RESOURCE}/resourceslices"
+
+# Every API call the kubelet plugin makes, as (API group, resource[/subresource], verb): what its
+# RBAC must grant (a test checks both against the calls the daemon really makes), and what
+# `unidra doctor` asks the API server about.
+PERMISSIONS = (
+    ("resource.k8s.io", "resourceslices", "list"),
+    ("resource.k8s.io", "resourceslices", "watch"),
+    ("resource.k8s.io", "resourceslices", "create"),
+    ("resource.k8s.io", "resourceslices", "update"),
+    ("resource.k8s.io", "resourceslices", "delete"),
+    ("resource.k8s.io", "resourceclaims", "get"),
+    ("resource.k8s.io", "resourceclaims/status", "update"),
+    # Kubernetes 1.36 also authorizes changes to status.devices against this synthetic resource,
+    # named after the driver: only its own entries, only in claims of the token's node.
+    ("resource.k8s.io", "resourceclaims/driver", "associated-node:update"),
+    ("", "nodes", "get"),
+)
+# Permissions granted for one object name only: the driver's own.
+NAMED_BY_DRIVER = frozenset({"resourceclaims/driver"})
 
 
 class Rest:
@@ -78,7 +114,9 @@ class Rest:
         path: str,
         query: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
+        missing: str = "",
     ) -> dict[str, Any]:
+        """The answer as JSON; `missing` says what a 404 means for this request."""
         try:
             response = self.open(method, path, query, body, REQUEST_TIMEOUT)
             try:
@@ -89,7 +127,7 @@ class Rest:
         except ApiException as err:
             if err.status == 409:
                 raise Conflict(f"{action}: {_reason(err)}") from err
-            raise classify(err, action) from err
+            raise classify(err, action, missing) from err
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
             raise RetryableError(
                 f"{action}: API server unreachable or answered garbage ({err})"
@@ -129,7 +167,12 @@ class ClaimReader:
         self.rest = Rest(api_client)
 
     def __call__(self, ref: ClaimRef) -> Mapping[str, Any]:
-        return self.rest.json(f"reading claim {ref}", "GET", _claim_path(ref.namespace, ref.name))
+        return self.rest.json(
+            f"reading claim {ref}",
+            "GET",
+            _claim_path(ref.namespace, ref.name),
+            missing=CLAIM_DELETED,
+        )
 
 
 def _claim_path(namespace: str, name: str) -> str:
@@ -138,11 +181,14 @@ def _claim_path(namespace: str, name: str) -> str:
     )
 
 
-def classify(err: ApiException, action: str) -> Exception:
+CLAIM_DELETED = "the claim was deleted"
+
+
+def classify(err: ApiException, action: str, missing: str = "") -> Exception:
     """Turn an API error into a per-claim error that says whether retrying can help."""
     reason = _reason(err)
     if err.status == 404:
-        return ClaimError(f"{action}: not found (the claim was deleted)")
+        return NotFound(f"{action}: not found ({missing})" if missing else f"{action}: not found")
     if err.status in (401, 403):
         return Forbidden(f"{action}: access denied ({reason}); check the RBAC of these credentials")
     if err.status in (408, 409, 429) or (err.status or 0) >= 500:
@@ -166,14 +212,14 @@ class SliceApi:
 
     def server_version(self) -> tuple[str, list[str]]:
         """The server's gitVersion and the resource.k8s.io versions it serves."""
-        version = self.rest.json("reading the server version", "GET", "/version")
-        group = self.rest.json("discovering resource.k8s.io", "GET", "/apis/resource.k8s.io")
-        served = [str(v.get("version")) for v in group.get("versions", [])]
-        return str(version.get("gitVersion", "unknown")), served
+        return _server_version(self.rest)
 
     def node_uid(self, node: str) -> str:
         body = self.rest.json(
-            f"reading node {node}", "GET", f"/api/v1/nodes/{quote(node, safe='')}"
+            f"reading node {node}",
+            "GET",
+            f"/api/v1/nodes/{quote(node, safe='')}",
+            missing=f"no Node named {node!r}; --node-name (NODE_NAME) must be the node's name in Kubernetes",
         )
         return str(body["metadata"]["uid"])
 
@@ -205,7 +251,7 @@ class SliceApi:
                 f"{SLICES}/{quote(name, safe='')}",
                 body=options,
             )
-        except ClaimError:  # 404: already gone, which is what we wanted
+        except NotFound:  # already gone, which is what we wanted
             return
 
     def watch(self, driver: str, node: str, resource_version: str, timeout: int) -> WatchStream:
@@ -337,6 +383,59 @@ class Collection:
         return _watch(self.rest, self.path, {}, resource_version, timeout, self.what)
 
 
+def _server_version(rest: Rest) -> tuple[str, list[str]]:
+    version = rest.json("reading the server version", "GET", "/version")
+    try:
+        group = rest.json("discovering resource.k8s.io", "GET", "/apis/resource.k8s.io")
+    except NotFound:
+        group = {}  # the group is not served at all (DRA off, or Kubernetes older than 1.26)
+    served = [str(v.get("version")) for v in group.get("versions", [])]
+    return str(version.get("gitVersion", "unknown")), served
+
+
+class Preflight:
+    """What `unidra doctor` asks the API server: versions, the node, its own access, and a dry-run write."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.rest = Rest(api_client)
+
+    def server_version(self) -> tuple[str, list[str]]:
+        return _server_version(self.rest)
+
+    def node_exists(self, node: str) -> bool:
+        try:
+            self.rest.json(f"reading node {node}", "GET", f"/api/v1/nodes/{quote(node, safe='')}")
+        except NotFound:
+            return False
+        return True
+
+    def allowed(self, group: str, resource: str, verb: str, name: str = "") -> tuple[bool, str]:
+        """Whether these credentials may do `verb` on `resource` (SelfSubjectAccessReview), and why not."""
+        plural, _, subresource = resource.partition("/")
+        attributes = {"group": group, "resource": plural, "subresource": subresource, "verb": verb}
+        if name:
+            attributes["name"] = name
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        }
+        answer = self.rest.json(
+            f"asking whether it may {verb} {resource}",
+            "POST",
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            body=review,
+        )
+        status = answer.get("status") or {}
+        return bool(status.get("allowed")), str(status.get("reason") or "")
+
+    def dry_run(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a ResourceSlice with dryRun=All: the object as the server would store it, nothing stored."""
+        return self.rest.json(
+            "creating a ResourceSlice (dry run)", "POST", SLICES, {"dryRun": "All"}, body=obj
+        )
+
+
 def _slice_selector(driver: str, node: str) -> str:
     return f"spec.driver={driver},spec.nodeName={node}"
 
@@ -349,7 +448,10 @@ class ClaimStatusApi:
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self.rest.json(
-            f"reading claim {namespace}/{name}", "GET", _claim_path(namespace, name)
+            f"reading claim {namespace}/{name}",
+            "GET",
+            _claim_path(namespace, name),
+            missing=CLAIM_DELETED,
         )
 
     def replace_status(self, namespace: str, name: str, claim: Mapping[str, Any]) -> dict[str, Any]:

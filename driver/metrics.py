@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -140,8 +147,10 @@ class DriverMetrics:
         self.duration.labels(operation).observe(seconds)
         self.operations.labels(operation, "error" if error else "success").inc()
         if error is not None:
-            reason = type(error).__name__
-            self.errors.labels(operation, reason if reason in ERROR_REASONS else "internal").inc()
+            # The first listed reason in the error's class tree: a NotFound is a ClaimError.
+            names = [cls.__name__ for cls in type(error).__mro__]
+            reason = next((name for name in names if name in ERROR_REASONS), "internal")
+            self.errors.labels(operation, reason).inc()
 
     def observe_phases(self, timings: Timings) -> None:
         for phase, seconds in timings.seconds.items():
@@ -387,7 +396,7 @@ def serve_http(
     if endpoint is None:
         return None
     host, port = endpoint
-    metrics_app = make_wsgi_app(registry)
+    metrics_app = wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if ready is not None and environ.get("PATH_INFO") == "/readyz":
@@ -412,3 +421,17 @@ def serve_http(
     thread.start()
     log.info("Serving metrics", extra={"address": f"{host}:{server.server_port}"})
     return server
+
+
+def wsgi_app(registry: CollectorRegistry) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
+    """The scrape endpoint: /metrics only (not / or /healthz), without `_created` series."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"metrics are at /metrics\n"]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app

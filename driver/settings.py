@@ -68,11 +68,7 @@ class Settings:
             raise ConfigError(
                 "--node-name", f"{self.node_name!r} is not a valid Kubernetes node name"
             )
-        if len(self.driver_name) > 63 or not _DNS_SUBDOMAIN.match(self.driver_name):
-            raise ConfigError(
-                "--driver-name",
-                f"{self.driver_name!r} must be a lowercase DNS subdomain of at most 63 characters",
-            )
+        check_driver_name(self.driver_name)
         if self.metrics_address and not _split_address(self.metrics_address):
             raise ConfigError(
                 "--metrics-address", f"{self.metrics_address!r} is not HOST:PORT or :PORT"
@@ -103,6 +99,15 @@ class Settings:
                     f"{path} must be an absolute path (kubelet and the runtime see host paths)",
                 )
         return self
+
+
+def check_driver_name(name: str) -> str:
+    """The driver name names files and directories too: only a lowercase DNS subdomain will do."""
+    if len(name) > 63 or not _DNS_SUBDOMAIN.match(name):
+        raise ConfigError(
+            "--driver-name", f"{name!r} must be a lowercase DNS subdomain of at most 63 characters"
+        )
+    return name
 
 
 def _split_address(address: str) -> tuple[str, int] | None:

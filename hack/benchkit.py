@@ -17,7 +17,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from support import kubelet  # noqa: E402
+from driver.kubelet import client as kubelet  # noqa: E402
 
 NODE = "node-a"
 BENCH_GPUS = 128  # enough for 16 concurrent callers holding 8 devices each

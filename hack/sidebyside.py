@@ -5,7 +5,7 @@
 A local control plane (driver/localcluster.py, over TLS) serves both drivers: Unidra
 (`unidra kubelet-plugin`, 128 simulated H100s) and `dra-test-driver` (Kubernetes' own test driver,
 128 devices), each with the cluster admin's client certificate and its own private plugin
-directories. One kubelet-like client (tests/support/kubelet.py) registers both and calls them
+directories. One kubelet-like client (driver/kubelet/client.py) registers both and calls them
 over their real Unix sockets, with allocated ResourceClaims made beforehand in the API server.
 
 Rounds interleave the drivers (the order flips every round), so drift in the machine hits both.
@@ -43,9 +43,9 @@ from benchkit import (
     timed,
 )
 
+from driver.kubelet import client as kubelet
 from driver.kubelet.gen.dra.v1 import api_pb2, api_pb2_grpc
 from driver.localcluster import LocalCluster
-from support import kubelet
 
 GO_DRIVER = "test-driver.cdi.k8s.io"
 CLAIMS = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims"

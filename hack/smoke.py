@@ -346,8 +346,8 @@ def check_node(vendor: str, host_root: Path, timeout: float = 60.0) -> list[Resu
     """
     sys.path.insert(0, str(REPO / "tests"))
     from driver import daemon
+    from driver.demo.apiserver import ApiServer as FakeApiServer
     from driver.settings import Settings
-    from support.apiserver import FakeApiServer
 
     node = "smoke-node"
     work = Path(tempfile.mkdtemp(prefix="unidra-smoke-", dir="/tmp"))  # short: socket paths
@@ -378,7 +378,7 @@ def check_node(vendor: str, host_root: Path, timeout: float = 60.0) -> list[Resu
 def _checks(
     instance: Any, api: Any, settings: Any, work: Path, vendor: str, timeout: float
 ) -> list[Result]:
-    from support import kubelet
+    from driver.kubelet import client as kubelet
 
     try:
         plugin = kubelet.wait_for_registration(settings.registrar_dir)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from driver import daemon
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from driver.settings import Settings
-from support import kubelet
-from support.apiserver import FakeApiServer
 
 NODE = "node-a"
 pytest_plugins = ["support.processes"]

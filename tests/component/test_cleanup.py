@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from driver import cdi, cli
-from support import kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from support.claims import allocated_claim, result
 
 
@@ -72,3 +72,15 @@ def test_force_cleans_even_with_a_running_instance(node, capsys, flag: str) -> N
         code, _ = cleanup(node, capsys, flag)
         assert code == 0
     assert kubelet.find_registration_sockets(node.registrar_dir) == []
+
+
+def test_dry_run_lists_and_removes_nothing(node, api: FakeApiServer, capsys) -> None:  # type: ignore[no-untyped-def]
+    with node.serve() as (_, plugin):
+        claim = allocated_claim(api, "kept", [result("gpu-0000-1b-00-0", "node-a")])
+        assert plugin.prepare([claim])[claim[2]].error == ""
+    (spec,) = cdi.claim_specs(node.cdi_root, "unidra.dev").values()
+    code, output = cleanup(node, capsys, "--dry-run")
+    assert code == 0, output
+    assert f"would remove {spec}" in output
+    assert f"would remove {node.plugin_dir / 'checkpoint.json'}" in output
+    assert spec.exists() and (node.plugin_dir / "checkpoint.json").exists()

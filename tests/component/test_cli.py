@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,3 +183,241 @@ def test_inspect_partitions_shows_them_in_the_table_and_json() -> None:
         json.loads(unidra("inspect", "--simulate", "dgx-h100", "-o", "json").stdout)["partitions"]
         == []
     )
+
+
+def one_line_error(run: subprocess.CompletedProcess[str], code: int, *says: str) -> None:
+    """The operator's contract: exit code, one line naming the setting, no traceback."""
+    assert run.returncode == code, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    for text in says:
+        assert text in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("UNIDRA_METRICS_INTERVAL_SECONDS", "abc", "'abc' is not a number of seconds"),
+        ("UNIDRA_HEALTH_QUIET_SECONDS", "nan", "'nan' is not a number of seconds"),
+        ("UNIDRA_HEALTHCHECK_PORT", "x", "'x' is not a TCP port number, or -1 to disable"),
+        ("UNIDRA_VERBOSITY", "loud", "'loud' is not a verbosity: 0 or info, 1 or debug"),
+        ("UNIDRA_LOG_FORMAT", "xml", "'xml' is not a log format: text or json"),
+        ("UNIDRA_PARTITIONS", "maybe", "'maybe' is not a boolean: true, false, 1, 0, yes or no"),
+    ],
+)
+def test_a_bad_environment_value_names_the_variable(variable: str, value: str, says: str) -> None:
+    run = unidra("kubelet-plugin", "--node-name=n", "--simulate=mixed", env={variable: value})
+    one_line_error(run, 2, f"unidra: invalid setting: {variable}: {says}")
+
+
+def test_a_bad_flag_value_is_one_line() -> None:
+    run = unidra("kubelet-plugin", "--node-name=n", "--healthcheck-port=x")
+    one_line_error(
+        run, 2, "argument --healthcheck-port: 'x' is not a TCP port number, or -1 to disable"
+    )
+
+
+def test_verbosity_by_name_is_accepted() -> None:
+    # The run stops at the next setting, which proves UNIDRA_VERBOSITY=debug passed.
+    run = unidra(
+        "kubelet-plugin", "--node-name=n", "--cdi-root=relative", env={"UNIDRA_VERBOSITY": "debug"}
+    )
+    one_line_error(run, 2, "--cdi-root: relative must be an absolute path")
+
+
+@pytest.mark.parametrize("value", ["True", "TRUE", "1", "yes", "Yes"])
+def test_partitions_from_the_environment_accepts_any_spelling_of_true(value: str) -> None:
+    run = unidra(
+        "inspect", "--slices", "--simulate=dgx-h100", "-o", "json", env={"UNIDRA_PARTITIONS": value}
+    )
+    assert run.returncode == 0, run.stderr
+    assert any(i["spec"].get("sharedCounters") for i in json.loads(run.stdout)["items"])
+
+
+@pytest.mark.parametrize("value", ["False", "0", "no", "NO"])
+def test_partitions_from_the_environment_can_be_off(value: str) -> None:
+    run = unidra(
+        "inspect", "--slices", "--simulate=dgx-h100", "-o", "json", env={"UNIDRA_PARTITIONS": value}
+    )
+    assert run.returncode == 0, run.stderr
+    assert not any(i["spec"].get("sharedCounters") for i in json.loads(run.stdout)["items"])
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["inspect", "--simulate=mixed", "--vendors=nvidia"],
+            "--vendors: cannot be combined with --simulate",
+        ),
+        (
+            ["inspect", "--slices", "-o", "table", "--simulate=mixed"],
+            "--output: --slices prints ResourceSlices as yaml or json, not a table",
+        ),
+        (
+            ["kubelet-plugin", "--node-name=n", "--simulate=mixed", "--kubeconfig=/nonexistent/kc"],
+            "--kubeconfig: /nonexistent/kc is not a file",
+        ),
+    ],
+)
+def test_contradictions_and_missing_files_are_refused(args: list[str], says: str) -> None:
+    one_line_error(unidra(*args, env={"KUBECONFIG": ""}), 2, says)
+
+
+def test_a_backend_that_cannot_load_fails_inspect(tmp_path: Path) -> None:
+    run = unidra("inspect", "--vendors=nosuchmodule:Backend", "--host-root", str(tmp_path))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "nosuchmodule:Backend" in run.stdout
+    run = unidra("inspect", "--vendors=nosuchmodule:Backend", "-o", "json")
+    assert run.returncode == 1 and "backend nosuchmodule:Backend" in run.stderr
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """`unidra inspect -o json | head`: the reader is gone before the first write."""
+    command = [sys.executable, "-m", "driver", "inspect", "--simulate=mixed", "-o", "json"]
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()
+        error = process.stderr.read()
+        assert process.wait(timeout=60) == 141
+    assert error == ""
+
+
+def test_cleanup_takes_no_flags_it_would_ignore() -> None:
+    for flag in ("--node-name=n", "--kubeconfig=/k"):
+        one_line_error(unidra("cleanup", flag), 2, "unrecognized arguments", "--help")
+
+
+def _variables() -> list[str]:
+    """Every environment variable the commands read, from their help."""
+    from driver import cli
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    helps = " ".join(p.format_help() for p in subparsers.choices.values())  # type: ignore[attr-defined]
+    return sorted(set(re.findall(r"\[env\s+([A-Z_]+)", helps)))
+
+
+VARIABLES = _variables()
+
+
+# What each command may be given; cleanup only with --dry-run (random directories!), demo not at all.
+FLAGS = {
+    "kubelet-plugin": [
+        "--node-name",
+        "--driver-name",
+        "--kubeconfig",
+        "--cdi-root",
+        "--pod-uid",
+        "--simulate",
+        "--vendors",
+        "--backend-option",
+        "--metrics-address",
+        "--healthcheck-port",
+        "--metrics-interval-seconds",
+        "--taint-effect",
+        "--health-quiet-seconds",
+        "--health-min-hold-seconds",
+        "--log-format",
+        "--host-root",
+        "--simulate-dev-root",
+        "--partitions",
+    ],
+    "inspect": [
+        "--simulate",
+        "--vendors",
+        "--backend-option",
+        "--node-name",
+        "--driver-name",
+        "--output",
+        "--host-root",
+        "--partitions",
+    ],
+    "doctor": [
+        "--node-name",
+        "--driver-name",
+        "--kubeconfig",
+        "--cdi-root",
+        "--simulate",
+        "--vendors",
+        "--host-root",
+        "--output",
+        "--partitions",
+    ],
+    "simulate": [
+        "--device",
+        "--fault",
+        "--driver-name",
+        "--pod-uid",
+        "--socket",
+        "--kubelet-plugins-directory-path",
+    ],
+    "cleanup": [
+        "--driver-name",
+        "--cdi-root",
+        "--kubelet-plugins-directory-path",
+        "--kubelet-registrar-directory-path",
+    ],
+}
+VALUES = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+    st.sampled_from(
+        [
+            "",
+            "-1",
+            "0",
+            "1e999",
+            "nan",
+            "mixed",
+            "dgx-h100",
+            "nvidia",
+            ":X",
+            "a..b:C",
+            "json:loads",
+            "x=y",
+            "a.b=c",
+            "/",
+            "relative",
+            "true",
+            "65536",
+            ":9464",
+        ]
+    ),
+)
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    command=st.sampled_from(sorted(FLAGS)),
+    data=st.data(),
+)
+def test_no_value_of_any_variable_or_flag_gives_a_traceback(
+    command: str, data: st.DataObject
+) -> None:
+    from driver import cli, daemon
+
+    env = data.draw(st.dictionaries(st.sampled_from(VARIABLES), VALUES, max_size=4))
+    flags = data.draw(st.dictionaries(st.sampled_from(FLAGS[command]), VALUES, max_size=4))
+    argv = [command, *(["inject"] if command == "simulate" else [])]
+    argv += [f"{flag}={value}" for flag, value in flags.items()]
+    argv += ["--dry-run"] if command == "cleanup" else []
+    out, err = io.StringIO(), io.StringIO()
+    clean = {
+        k: v for k, v in os.environ.items() if k not in VARIABLES and k != "KUBERNETES_SERVICE_HOST"
+    }
+    with (
+        mock.patch.dict(os.environ, {**clean, **env}, clear=True),
+        mock.patch.object(daemon, "run", return_value=0),  # valid settings: do not serve
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code  # type: ignore[assignment]
+    assert code in (0, 1, 2), (argv, env, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+    if code == 2:
+        assert len(err.getvalue().strip().splitlines()) == 1, (argv, env, err.getvalue())

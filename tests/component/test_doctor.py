@@ -4,13 +4,17 @@ running daemon and the API server, each with the exact problem and its fix."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from driver import cli
+from driver import cli, kubeapi
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from support import nvml
-from support.apiserver import FakeApiServer
 from support.hosts import FakeHost
 
 
@@ -33,10 +37,10 @@ def doctor(capsys: pytest.CaptureFixture[str], root: Path, *extra: str) -> tuple
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
+def root(short_tmp: Path) -> Path:
     for directory in ("plugins_registry", "plugins", "host/etc"):
-        (tmp_path / directory).mkdir(parents=True)
-    return tmp_path
+        (short_tmp / directory).mkdir(parents=True)
+    return short_tmp
 
 
 def test_a_prepared_node_has_no_problems(root: Path, capsys, node, running) -> None:  # type: ignore[no-untyped-def]
@@ -59,9 +63,44 @@ def test_a_prepared_node_has_no_problems(root: Path, capsys, node, running) -> N
 def test_missing_kubelet_directories_are_problems(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, findings = doctor(capsys, tmp_path, "--simulate=rngd")
     assert code == 1
-    status, detail = findings["kubelet plugins directory"]
-    assert status == "FAIL" and f"{tmp_path / 'plugins'} does not exist" in detail
-    assert findings["CDI directory"][0] == "ok"  # created on start
+    status, detail = findings["kubelet registration directory"]
+    assert status == "FAIL" and f"{tmp_path / 'plugins_registry'} does not exist" in detail
+    # The daemon creates its own directory and the CDI directory where it may.
+    assert findings["plugin directory"][0] == "ok"
+    assert findings["CDI directory"][0] == "ok"
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+    reason="needs a mount namespace (unshare -m) for a read-only bind mount",
+)
+def test_only_the_mounted_plugin_directory_must_be_writable(short_tmp: Path) -> None:
+    """The DaemonSet's layout: the parent plugins directory read-only, the driver's own writable."""
+    root = short_tmp
+    (root / "plugins_registry").mkdir()
+    (root / "plugins" / "unidra.dev").mkdir(parents=True)
+    (root / "rw").mkdir()
+    (root / "host" / "sys").mkdir(parents=True)
+    (root / "host" / "dev").mkdir()
+    plugins = root / "plugins"
+    script = (
+        f"mount --bind {plugins} {plugins} && mount -o remount,bind,ro {plugins} && "
+        f"mount --bind {root / 'rw'} {plugins / 'unidra.dev'} && "
+        f"{sys.executable} -m driver doctor --simulate=rngd -o json --node-name=node-a "
+        f"--host-root={root / 'host'} --kubelet-plugins-directory-path={plugins} "
+        f"--kubelet-registrar-directory-path={root / 'plugins_registry'} --cdi-root={root / 'cdi'}"
+    )
+    run = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "KUBECONFIG": "", "KUBERNETES_SERVICE_HOST": ""},
+    )
+    findings = {f["check"]: (f["status"], f["detail"]) for f in json.loads(run.stdout)}
+    assert findings["plugin directory"] == ("ok", f"{plugins / 'unidra.dev'} is writable")
+    assert run.returncode == 0, findings
 
 
 @pytest.mark.parametrize(
@@ -108,7 +147,8 @@ def test_crio_cdi_dirs(root: Path, capsys) -> None:  # type: ignore[no-untyped-d
 def test_no_runtime_config_cannot_be_judged(root: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     _, findings = doctor(capsys, root, "--simulate=rngd")
     status, detail = findings["container runtime CDI"]
-    assert status == "skip" and "mount the host's /etc/containerd" in detail
+    assert status == "skip" and "not checked" in detail
+    assert "the DaemonSet does not mount the host's /etc: run `unidra doctor` on the node" in detail
 
 
 def test_hardware_without_its_driver_is_a_one_line_problem(root: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -175,3 +215,72 @@ def test_doctor_without_nvidia_driver_files(root: Path, capsys) -> None:  # type
         "unidra: invalid setting: --backend-option: nvidia.driver-root=run/nvidia: "
         "expected an absolute host path such as /run/nvidia/driver\n"
     )
+
+
+@pytest.fixture
+def cluster(root: Path, tmp_path: Path) -> Iterator[tuple[FakeApiServer, Path]]:
+    with FakeApiServer() as server:
+        server.create("", "nodes", {"metadata": {"name": "node-a"}})
+        yield server, server.write_kubeconfig(tmp_path / "kubeconfig")
+
+
+def test_an_unknown_node_is_a_problem(root: Path, capsys, cluster) -> None:  # type: ignore[no-untyped-def]
+    _, kubeconfig = cluster
+    code, findings = doctor(
+        capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}", "--node-name=does-not-exist"
+    )
+    assert code == 1
+    status, detail = findings["node"]
+    assert status == "FAIL" and "no Node named 'does-not-exist'" in detail
+
+
+def test_missing_permissions_are_named(root: Path, capsys, cluster) -> None:  # type: ignore[no-untyped-def]
+    server, kubeconfig = cluster
+    code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
+    assert findings["permissions"] == ("ok", "all 8 API calls of the driver allowed")
+    server.denied = {("resource.k8s.io", "resourceclaims/status", "update"), ("", "nodes", "get")}
+    code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
+    assert code == 1
+    status, detail = findings["permissions"]
+    assert status == "FAIL"
+    assert "may not update resourceclaims/status.resource.k8s.io, get nodes" in detail
+    reviews = [r for r in server.requests if r.path.endswith("/selfsubjectaccessreviews")]
+    assert len(reviews) == 2 * len(kubeapi.PERMISSIONS)
+
+
+def _drop(*fields: str):  # type: ignore[no-untyped-def]
+    """An API server whose feature gates are off for these slice fields."""
+
+    def hook(plural: str, obj: dict) -> None:
+        if plural != "resourceslices":
+            return
+        obj["spec"].pop("sharedCounters", None) if "sharedCounters" in fields else None
+        for device in obj["spec"].get("devices") or []:
+            for field in fields:
+                device.pop(field, None)
+
+    return hook
+
+
+def test_feature_gates_are_found_by_a_dry_run_write(root: Path, capsys, cluster) -> None:  # type: ignore[no-untyped-def]
+    server, kubeconfig = cluster
+    _, findings = doctor(
+        capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}", "--partitions"
+    )
+    assert findings["device taints"] == ("ok", "DRADeviceTaints is on")
+    assert findings["partitions"] == ("ok", "DRAPartitionableDevices is on")
+    assert findings["consumable capacity"] == ("ok", "DRAConsumableCapacity is on")
+    assert server.list("resource.k8s.io", "resourceslices") == []  # a dry run stores nothing
+
+    server.storage_hooks.append(_drop("taints", "consumesCounters", "sharedCounters"))
+    code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
+    assert code == 0  # nothing asked for needs partitions; taints are a warning
+    assert findings["device taints"][0] == "warn"
+    assert "DRADeviceTaints is off" in findings["device taints"][1]
+    assert findings["partitions"][0] == "skip"
+    code, findings = doctor(
+        capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}", "--partitions"
+    )
+    assert code == 1
+    status, detail = findings["partitions"]
+    assert status == "FAIL" and "--partitions cannot publish" in detail

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from driver import cli, kubeapi
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.fleet_watch import FleetWatcher
 from driver.supervisor import Supervisor
 from support import cluster
-from support.apiserver import FakeApiServer
 from support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,8 +16,9 @@ import grpc
 import pytest
 
 from driver import daemon
-from support import commands, kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
+from support import commands
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
@@ -120,7 +121,7 @@ def test_a_fatal_fault_and_its_recovery_reach_slices_stream_claim_status_and_met
     )
 
     injected = time.monotonic()
-    assert "lost 79 (unhealthy)" in commands.simulate(
+    assert "lost 79: unhealthy" in commands.simulate(
         node.plugins_dir, "inject", f"--device={GPU}", "--fault=xid-79"
     )
     wait_until(lambda: GPU in taints(api), what="the taint")
@@ -208,3 +209,25 @@ def test_inject_refuses_unknown_devices_and_faults(health_daemon, node) -> None:
 
 def test_control_socket_is_private(health_daemon, node) -> None:  # type: ignore[no-untyped-def]
     assert oct((node.plugin_dir / "control.sock").stat().st_mode & 0o777) == "0o600"
+
+
+def test_simulate_names_its_daemon_and_refuses_to_guess(node) -> None:  # type: ignore[no-untyped-def]
+    old, new = "0b9e7c1a-1111-4e4e-9a9a-000000000001", "0b9e7c1a-2222-4e4e-9a9a-000000000002"
+    with node.serve(pod_uid=old, health_min_hold_seconds=30.0), node.serve(pod_uid=new):
+        several = commands.run_simulate(
+            node.plugins_dir, "inject", f"--device={GPU}", "--fault=lost"
+        )
+        assert several.returncode == 1 and "Traceback" not in several.stderr
+        assert "2 daemons answer" in several.stderr
+        assert "name one with --pod-uid UID or --socket PATH" in several.stderr
+        chosen = commands.run_simulate(
+            node.plugins_dir, "inject", f"--device={GPU}", "--fault=lost", f"--pod-uid={old}"
+        )
+        assert chosen.returncode == 0, chosen.stderr
+        assert f"daemon: {node.plugin_dir / f'control-{old}.sock'}" in chosen.stderr
+        # The recovery is reported, but the taint stays for the minimum hold: it says so.
+        recovered = commands.simulate(
+            node.plugins_dir, "recover", f"--device={GPU}", f"--pod-uid={old}"
+        )
+        assert "recovery reported; it stays unhealthy (and tainted)" in recovered
+        assert "the minimum hold after a fault" in recovered

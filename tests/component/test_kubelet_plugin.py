@@ -19,10 +19,10 @@ import pytest
 
 from driver import cdi, daemon
 from driver.checkpoint import CheckpointStore
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.errors import FatalError
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
-from support import kubelet
-from support.apiserver import FakeApiServer
 from support.cdi_validator import validate
 from support.claims import allocated_claim, env_config, result
 from support.waiting import wait_until

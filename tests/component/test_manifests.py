@@ -18,15 +18,15 @@ from urllib.parse import parse_qs
 import kubernetes_validate
 import pytest
 
-from driver import backends, cli
+from driver import backends, cli, kubeapi
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.settings import Settings
 from support import kustomize
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
-COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir())
+COMPONENTS = sorted(p.name for p in (MANIFESTS / "components").iterdir() if p.name != "settings")
 KUBERNETES = "1.34.0"
 # Custom resources of other projects, which the Kubernetes schemas do not cover.
 CUSTOM = {
@@ -42,8 +42,9 @@ def everything(tmp_path_factory: pytest.TempPathFactory) -> Path:
     relative = os.path.relpath(MANIFESTS, directory)
     (directory / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {relative}/base\ncomponents:\n"
+        f"resources:\n  - {relative}/base\n  - {relative}/settings\ncomponents:\n"
         + "".join(f"  - {relative}/components/{name}\n" for name in COMPONENTS)
+        + f"  - {relative}/components/settings\n"
     )
     return directory
 
@@ -148,7 +149,7 @@ def test_privileged_variants_are_consistent(everything: Path) -> None:
 
 
 def test_node_selection_covers_every_backends_pci_match() -> None:
-    rule = yaml_objects(MANIFESTS / "components/node-selection/nodefeaturerule.yaml")[0]
+    rule = yaml_objects(MANIFESTS / "components/nfd/nodefeaturerule.yaml")[0]
     (term,) = rule["spec"]["rules"]
     published = set()
     for entry in term["matchAny"]:
@@ -162,8 +163,13 @@ def test_node_selection_covers_every_backends_pci_match() -> None:
         for match in getattr(backends.load_factory(name), "pci_matches", ()):
             wanted.add((f"{match.vendor:04x}", tuple(f"{c:04x}" for c in match.classes)))
     assert published == wanted
-    ds = daemonset(kustomize.render(MANIFESTS / "overlays/nvidia"))
-    assert ds["spec"]["template"]["spec"]["nodeSelector"] == term["labels"]
+    objects = kustomize.render(MANIFESTS / "overlays/nvidia")
+    # The NVIDIA overlay selects the label, and works without NFD's CRD.
+    assert not [o for o in objects if o["kind"] == "NodeFeatureRule"]
+    affinity = daemonset(objects)["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    (selector,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    ((label, value),) = term["labels"].items()
+    assert selector["matchExpressions"] == [{"key": label, "operator": "In", "values": [value]}]
 
 
 def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
@@ -205,6 +211,7 @@ def test_rbac_grants_exactly_the_calls_the_daemon_makes(node, api: FakeApiServer
     assert used == granted
     (driver_rule,) = [r for r in role["rules"] if r["resources"] == ["resourceclaims/driver"]]
     assert driver_rule["resourceNames"] == ["unidra.dev"]
+    assert set(kubeapi.PERMISSIONS) == granted  # what `unidra doctor` asks the API server about
 
 
 def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:

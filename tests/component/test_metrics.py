@@ -20,16 +20,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from driver import daemon
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.fleet import DEFAULT_JOB_SIZES, Fleet, summarize_models
 from driver.fleet_metrics import FleetCollector, Summary
 from driver.health import HealthBoard
 from driver.inventory import LiveInventory
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
 from driver.metrics import DeviceCollector, SampleCache, sampling_loop
 from driver.model import DeviceSample, HealthEvent
 from driver.supervisor import Supervisor
-from support import cluster, kubelet
-from support.apiserver import FakeApiServer
+from support import cluster
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend
@@ -340,3 +341,18 @@ def test_every_dashboard_query_names_metrics_and_labels_the_driver_exports(  # t
     assert {name.removesuffix("_total") for name in DEVICE_METRICS} <= {
         name.removesuffix("_total") for name in used
     }
+
+
+def test_metrics_only_on_metrics_and_no_created_series(mixed) -> None:  # type: ignore[no-untyped-def]
+    import urllib.error
+
+    instance, _ = mixed
+    assert "_created" not in scrape(instance)
+    assert instance.metrics_server is not None
+    for path in ("/", "/healthz"):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{instance.metrics_server.server_port}{path}", timeout=5
+            )
+        assert answer.value.code == 404
+        answer.value.close()

@@ -14,11 +14,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from driver import kubeapi
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.fleet_metrics import FleetCollector
 from driver.fleet_service import FleetOptions, run
 from driver.fleet_watch import FleetWatcher
 from support import cluster
-from support.apiserver import FakeApiServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 # A marker and the text block after it, both indented alike (inside a list item, or not).

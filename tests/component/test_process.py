@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from driver import cdi, crashpoints
-from support import kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from support.claims import allocated_claim, result
 from support.processes import Process, checkpoint_claims
 

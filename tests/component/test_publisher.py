@@ -21,10 +21,10 @@ import urllib3
 
 from driver import inspect, kubeapi, slices
 from driver.backends import BackendContext
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.inventory import LiveInventory
 from driver.publisher import Publisher
 from driver.supervisor import Supervisor
-from support.apiserver import FakeApiServer
 from support.profiles import write_profile
 from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend

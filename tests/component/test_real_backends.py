@@ -8,8 +8,9 @@ import shlex
 from pathlib import Path
 
 from driver import backends, cdi, daemon
-from support import commands, container, kubelet, nvml
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
+from support import commands, container, nvml
 from support.claims import allocated_claim, result
 from support.hosts import FakeHost
 from support.waiting import wait_until

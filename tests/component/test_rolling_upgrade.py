@@ -17,9 +17,10 @@ import pytest
 
 from driver import cdi, daemon
 from driver.checkpoint import CheckpointStore
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
-from support import commands, kubelet
-from support.apiserver import FakeApiServer
+from support import commands
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
 
@@ -143,8 +144,13 @@ def test_the_two_publishers_agree_instead_of_fighting(both, api: FakeApiServer) 
     assert len(api.list("resource.k8s.io", "resourceslices")) == 1
 
 
-def test_simulate_reaches_every_instance(both, node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+def test_simulate_reaches_each_instance_by_name(both, node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    """Two instances answer: simulate refuses to guess, and reaches the one named."""
     old_daemon, new_daemon, _, _ = both
-    commands.simulate(node.plugins_dir, "inject", f"--device={GPUS[1]}", "--fault=lost")
-    for instance in (old_daemon, new_daemon):
-        wait_until(lambda i=instance: GPUS[1] in i.board.taints(), what="both boards to see it")
+    guess = commands.run_simulate(node.plugins_dir, "inject", f"--device={GPUS[1]}", "--fault=lost")
+    assert guess.returncode == 1 and "name one with --pod-uid" in guess.stderr
+    for uid, instance in ((OLD, old_daemon), (NEW, new_daemon)):
+        commands.simulate(
+            node.plugins_dir, "inject", f"--device={GPUS[1]}", "--fault=lost", f"--pod-uid={uid}"
+        )
+        wait_until(lambda i=instance: GPUS[1] in i.board.taints(), what="the named board to see it")

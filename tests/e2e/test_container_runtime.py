@@ -21,9 +21,9 @@ import pytest
 
 from driver import cdi
 from driver.backends import BackendContext
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.model import ContainerEdits
 from support import containers
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, env_config, result
 from support.processes import Process
 from support.waiting import wait_until

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import grpc
 
 from driver import cdi
-from support import kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from support.claims import allocated_claim, result
 from support.processes import Process, checkpoint_claims
 from support.reliability import TALLY, budget

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from driver import cdi
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from support.claims import allocated_claim, result
 from support.processes import checkpoint_claims
 from support.reliability import TALLY

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from support.claims import allocated_claim, result
 from support.reliability import TALLY, budget
 from support.waiting import wait_until

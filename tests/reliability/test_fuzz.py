@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from driver import cdi, claims, opaque
 from driver.claims import ClaimRef
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.errors import ClaimError, ConfigError
 from driver.kubelet.gen.dra.v1 import api_pb2
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.processes import checkpoint_claims
 from support.reliability import TALLY, budget

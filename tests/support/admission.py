@@ -40,8 +40,10 @@ def evaluate(policy: Mapping[str, Any], request: Mapping[str, Any]) -> Verdict:
     variables: dict[str, Any] = {}
     for variable in spec.get("variables", []):
         activation["variables"] = celpy.celtypes.MapType(variables)
-        variables[celpy.celtypes.StringType(variable["name"])] = _run(
-            variable["expression"], activation
+        value = _run(variable["expression"], activation)
+        # cel-python's || and && may answer a plain bool, which its ! does not take.
+        variables[celpy.celtypes.StringType(variable["name"])] = (
+            celpy.celtypes.BoolType(value) if isinstance(value, bool) else value
         )
     activation["variables"] = celpy.celtypes.MapType(variables)
     denials = []

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 
 DRIVER = "unidra.dev"
 CONFIG_API = "resource.unidra.dev/v1alpha1"

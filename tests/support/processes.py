@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from driver.checkpoint import CheckpointStore, PreparedClaim
+from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
-from support import kubelet
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,10 +1,12 @@
-"""A Kubernetes API server for tests and benchmarks: real HTTP on loopback, real resourceVersion semantics.
+"""An embedded Kubernetes API server: real HTTP on loopback, real resourceVersion semantics.
 
-It stores objects in memory and implements what Unidra and the `kubernetes` client use: get,
-list with field and label selectors and pages (limit/continue), watch (chunked JSON events,
-bookmarks, 410 Gone after compaction),
-create with generateName, replace with optimistic concurrency, merge patch, the status
-subresource, delete with preconditions, delete-collection, discovery, and /version.
+`unidra demo` runs it in place of a cluster; the tests and benchmarks run it too. It stores
+objects in memory and implements what Unidra and the `kubernetes` client use: get, list with
+field and label selectors and pages (limit/continue), watch (chunked JSON events, bookmarks,
+410 Gone after compaction), create with generateName and dry-run, replace with optimistic
+concurrency, merge patch, the status subresource, delete with preconditions, delete-collection,
+SelfSubjectAccessReview, discovery, and /version. There is no authentication: every client may
+do everything, except what a test puts in `denied`.
 
 Faults are injected per request (status codes, delays) or for the whole server (`outage()`
 stops listening on the port, like an API server that disappeared).
@@ -13,6 +15,7 @@ stops listening on the port, like an API server that disappeared).
 from __future__ import annotations
 
 import bisect
+import builtins
 import contextlib
 import copy
 import json
@@ -40,6 +43,7 @@ RESOURCES: dict[tuple[str, str, str], tuple[str, bool]] = {
     # Beta in Kubernetes 1.36 (served when resource.k8s.io/v1beta2 is enabled).
     ("resource.k8s.io", "v1beta2", "devicetaintrules"): ("DeviceTaintRule", False),
 }
+REVIEWS = ("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
 HISTORY_LIMIT = 100_000
 
 
@@ -83,25 +87,27 @@ class Store:
     changed: threading.Condition = field(default_factory=threading.Condition)
 
 
-class FakeApiServer:
-    """Run with `with FakeApiServer() as api:`; `api.url` is its base URL."""
+class ApiServer:
+    """Run with `with ApiServer() as api:`; `api.url` is its base URL."""
 
     def __init__(self, served_versions: tuple[str, ...] = ("v1",)) -> None:
         self.store = Store()
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.served_versions = served_versions
+        # (API group, resource[/subresource], verb) that SelfSubjectAccessReview answers as denied.
+        self.denied: set[tuple[str, str, str]] = set()
         # Called with (plural, object) before an object is stored: lets a test play an API server
         # whose feature gates drop fields.
         self.storage_hooks: list[Callable[[str, dict[str, Any]], None]] = []
         self._lock = threading.RLock()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _ReusableServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> FakeApiServer:
+    def __enter__(self) -> ApiServer:
         self.start()
         return self
 
@@ -214,7 +220,7 @@ class FakeApiServer:
             self.store.compacted_rv = self.store.rv
             self.store.events.clear()
 
-    def writes(self, since: int = 0) -> list[Request]:
+    def writes(self, since: int = 0) -> builtins.list[Request]:
         with self._lock:
             return [r for r in self.requests[since:] if r.is_write]
 
@@ -249,7 +255,7 @@ class FakeApiServer:
             self.store.changed.notify_all()
 
     def _create(
-        self, gvr: tuple[str, str, str], namespace: str, obj: dict[str, Any]
+        self, gvr: tuple[str, str, str], namespace: str, obj: dict[str, Any], dry_run: bool = False
     ) -> tuple[int, dict[str, Any]]:
         kind, namespaced = RESOURCES[gvr]
         meta = obj.setdefault("metadata", {})
@@ -275,6 +281,8 @@ class FakeApiServer:
             obj["kind"] = kind
             for hook in self.storage_hooks:
                 hook(gvr[2], obj)
+            if dry_run:  # everything up to storing: the answer is the object as it would be stored
+                return 201, copy.deepcopy(obj)
             self.store.objects[key] = obj
             self._bump("ADDED", key, obj)
             return 201, copy.deepcopy(obj)
@@ -496,7 +504,7 @@ class _ReusableServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    api: FakeApiServer
+    api: ApiServer
     protocol_version = "HTTP/1.1"
     # Headers and body go out in separate writes; like Go's net/http (TCP_NODELAY), don't let Nagle
     # hold the body back for the client's delayed ACK (a 40 ms stall per request on Linux).
@@ -546,6 +554,9 @@ class _Handler(BaseHTTPRequestHandler):
         if route is None:
             self._send(*self._discovery(parts.path), method, parts)
             return
+        if route[0] == REVIEWS and method == "POST":
+            self._send(*self._review(body), method, parts)
+            return
         gvr, namespace, name, subresource = route
         if gvr not in RESOURCES:
             self._send(
@@ -577,7 +588,7 @@ class _Handler(BaseHTTPRequestHandler):
                     else _status(404, "NotFound", f'{gvr[2]} "{name}" not found')
                 )
         elif method == "POST":
-            result = api._create(gvr, ns, body)
+            result = api._create(gvr, ns, body, dry_run=query.get("dryRun") == "All")
         elif method == "PUT" and name is not None:
             result = api._replace(gvr, ns, name, body, subresource or "")
         elif method == "PATCH" and name is not None:
@@ -598,6 +609,19 @@ class _Handler(BaseHTTPRequestHandler):
             meta = item["metadata"]
             self.api._delete(gvr, meta.get("namespace", ""), meta["name"], {})
         return 200, listing
+
+    def _review(self, review: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A SelfSubjectAccessReview: allowed unless the test denied it."""
+        attributes = review.get("spec", {}).get("resourceAttributes") or {}
+        resource = attributes.get("resource", "")
+        if attributes.get("subresource"):
+            resource += "/" + attributes["subresource"]
+        wanted = (attributes.get("group", ""), resource, attributes.get("verb", ""))
+        allowed = wanted not in self.api.denied
+        answer = {**review, "status": {"allowed": allowed}}
+        if not allowed:
+            answer["status"]["reason"] = "denied by the test's API server"
+        return 201, answer
 
     def _fault(self, method: str, path: str) -> Fault | None:
         with self.api._lock:
@@ -750,13 +774,13 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 
 
 def main() -> None:
-    """Serve in a process of its own until stdin closes: `python -m support.apiserver KUBECONFIG`.
+    """Serve in a process of its own until stdin closes: `python -m driver.demo.apiserver KUBECONFIG`.
 
     Benchmarks use it so the server's work does not share an interpreter with the client they time.
     """
     import sys
 
-    with FakeApiServer() as server:
+    with ApiServer() as server:
         server.write_kubeconfig(Path(sys.argv[1]))
         print(server.url, flush=True)
         sys.stdin.read()

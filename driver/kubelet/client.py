@@ -1,4 +1,5 @@
-"""A kubelet-side client for tests and benchmarks: plugin registration and DRA calls over real Unix sockets.
+"""The kubelet's side of the plugin protocols, for `unidra demo`, tests and benchmarks: plugin
+registration and DRA calls over real Unix sockets.
 
 It follows kubelet's plugin watcher: find `*-reg.sock` files in the registrar directory, call
 GetInfo with kubelet's 1 s deadline, check the answer the way kubelet's DRA handler does, pick
@@ -40,6 +41,11 @@ HEALTH_SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
 }
 GET_INFO_TIMEOUT = 1.0
 CALL_TIMEOUT = 45.0
+
+
+def health_name(status: int) -> str:
+    """HEALTHY, UNHEALTHY or UNKNOWN, as the health stream names a status."""
+    return str(health_v1alpha1_pb2.HealthStatus.Name(status))
 
 
 class RegistrationRejected(Exception):

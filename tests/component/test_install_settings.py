@@ -1,0 +1,150 @@
+"""Install anywhere: a namespace, ServiceAccount, driver name and image changed in the one place
+(kustomize's `namespace:` and the settings file) reach everything that depends on them, and the
+ResourceSlice admission policy never fails open when a name changes without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from component.test_admission import resource_slice, slice_request
+
+from support import admission, kustomize
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+SETTINGS = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: unidra-settings
+  annotations: {config.kubernetes.io/local-config: "true"}
+data:
+  driverName: gpu.example.com
+  serviceAccount: gpu-driver
+  image: registry.example.com/unidra:1.2.3
+  imagePullPolicy: IfNotPresent
+"""
+ACCOUNT = "system:serviceaccount:gpu-system:gpu-driver"
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
+    directory = tmp_path_factory.mktemp("renamed")
+    relative = os.path.relpath(MANIFESTS, directory)
+    (directory / "settings.yaml").write_text(SETTINGS)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "namespace: gpu-system\n"
+        f"resources:\n  - {relative}/base\n  - settings.yaml\n"
+        f"components:\n  - {relative}/components/nvidia\n  - {relative}/components/settings\n"
+    )
+    objects = kustomize.render(directory)
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, Any]]) -> None:
+    assert ("Namespace", "gpu-system") in renamed and ("ServiceAccount", "gpu-driver") in renamed
+    assert ("ConfigMap", "unidra-settings") not in renamed  # read by kustomize, never applied
+    ds = renamed[("DaemonSet", "unidra-kubelet-plugin")]
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["metadata"]["namespace"] == "gpu-system" and pod["serviceAccountName"] == "gpu-driver"
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.com/unidra:1.2.3"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["UNIDRA_DRIVER_NAME"] == "gpu.example.com"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    paths = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
+    assert mounts["plugin-dir"] == paths["plugin-dir"] == "/var/lib/kubelet/plugins/gpu.example.com"
+    (subject,) = renamed[("ClusterRoleBinding", "unidra-kubelet-plugin")]["subjects"]
+    assert (subject["name"], subject["namespace"]) == ("gpu-driver", "gpu-system")
+    classes = [o for (kind, _), o in renamed.items() if kind == "DeviceClass"]
+    for item in classes:
+        expression = item["spec"]["selectors"][0]["cel"]["expression"]
+        assert expression.startswith('device.driver == "gpu.example.com"')
+        assert '"unidra.dev"' not in expression
+    opaque = renamed[("ValidatingAdmissionPolicy", "unidra-opaque-config")]
+    assert {"name": "driver", "expression": '"gpu.example.com"'} in opaque["spec"]["variables"]
+
+
+def test_the_renamed_policy_restricts_the_renamed_account(
+    renamed: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    policy = renamed[("ValidatingAdmissionPolicy", "unidra-resourceslices")]
+    ours = resource_slice(driver="gpu.example.com")
+    own = admission.evaluate(policy, slice_request("CREATE", "node-a", ours, user=ACCOUNT))
+    assert own.matched and own.allowed, own.denials
+    other_node = admission.evaluate(policy, slice_request("CREATE", "node-b", ours, user=ACCOUNT))
+    assert not other_node.allowed
+    assert other_node.denials == (
+        "the gpu-driver service account on node node-b may write only ResourceSlices with "
+        "spec.nodeName node-b",
+    )
+    # Nobody else's service account writes this driver's slices.
+    stale = admission.evaluate(policy, slice_request("CREATE", "node-a", ours))
+    assert not stale.allowed
+
+
+def default_policy() -> dict[str, Any]:
+    objects = kustomize.render(MANIFESTS)
+    return next(
+        o
+        for o in objects
+        if o["kind"] == "ValidatingAdmissionPolicy"
+        and o["metadata"]["name"] == "unidra-resourceslices"
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "user", "driver"),
+    [
+        # The ServiceAccount renamed (or prefixed) without the policy: the driver's writes are denied.
+        ("account renamed", "system:serviceaccount:unidra:renamed", "unidra.dev"),
+        ("account prefixed", "system:serviceaccount:unidra:team-unidra", "unidra.dev"),
+        # The driver renamed without the policy: its account may not write the new driver's slices.
+        ("driver renamed", "system:serviceaccount:unidra:unidra", "gpu.example.com"),
+    ],
+)
+def test_a_rename_without_the_policy_denies_instead_of_failing_open(
+    case: str, user: str, driver: str
+) -> None:
+    for node in ("node-a", "node-b"):
+        verdict = admission.evaluate(
+            default_policy(),
+            slice_request("CREATE", node, resource_slice(driver=driver), user=user),
+        )
+        assert verdict.matched and not verdict.allowed, (case, node)
+
+
+def test_another_namespace_keeps_the_protection() -> None:
+    """kustomize's `namespace:` moves the account; the policy still restricts it."""
+    moved = "system:serviceaccount:gpu-system:unidra"
+    policy = default_policy()
+    assert admission.evaluate(
+        policy, slice_request("CREATE", "node-a", resource_slice(), user=moved)
+    ).allowed
+    assert not admission.evaluate(
+        policy, slice_request("CREATE", "node-b", resource_slice(), user=moved)
+    ).allowed
+
+
+def test_kube_system_controllers_and_people_are_not_restricted() -> None:
+    policy = default_policy()
+    collector = "system:serviceaccount:kube-system:generic-garbage-collector"
+    for user in (collector, "system:admin", "system:node:node-b"):
+        verdict = admission.evaluate(
+            policy, slice_request("DELETE", None, None, resource_slice("node-b"), user=user)
+        )
+        assert not verdict.matched, user
+
+
+def test_other_drivers_service_accounts_keep_writing_their_own_slices() -> None:
+    nvidia = "system:serviceaccount:nvidia-dra:nvidia-dra-driver"
+    verdict = admission.evaluate(
+        default_policy(),
+        slice_request(
+            "CREATE", "node-b", resource_slice("node-c", driver="gpu.nvidia.com"), user=nvidia
+        ),
+    )
+    assert verdict.allowed, verdict.denials
