@@ -586,13 +586,18 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if doctor.failed(findings) else 0
 
 
+def _verbosity_of(args: argparse.Namespace) -> int:
+    """-v counts; without it, UNIDRA_VERBOSITY."""
+    verbosity: int = args.verbose or VERBOSITY(_env("UNIDRA_VERBOSITY") or "0")
+    return verbosity
+
+
 def _kubelet_plugin(args: argparse.Namespace) -> int:
     from driver import kubeapi
 
-    verbosity = args.verbose or VERBOSITY(_env("UNIDRA_VERBOSITY") or "0")
     settings = _settings(args)
     kubeapi.require_kubeconfig(settings.kubeconfig)
-    logs.setup(args.log_format, verbosity)
+    logs.setup(args.log_format, _verbosity_of(args))
     from driver import daemon
 
     return daemon.run(settings)
@@ -629,7 +634,7 @@ def _fleet(args: argparse.Namespace) -> int:
     if args.serve_metrics and metrics_endpoint(args.serve_metrics) is None:
         raise ConfigError("--serve-metrics", f"{args.serve_metrics!r} is not HOST:PORT or :PORT")
     if args.watch or args.serve_metrics:
-        logs.setup(args.log_format, args.verbose)
+        logs.setup(args.log_format, _verbosity_of(args))
     options = fleet_service.FleetOptions(
         kubeconfig=args.kubeconfig,
         output=args.output,

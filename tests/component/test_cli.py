@@ -303,7 +303,8 @@ def _variables() -> list[str]:
 VARIABLES = _variables()
 
 
-# What each command may be given; cleanup only with --dry-run (random directories!), demo not at all.
+# What each command may be given; cleanup only with --dry-run (random directories!), demo not at
+# all, fleet without the flags that serve or watch.
 FLAGS = {
     "kubelet-plugin": [
         "--node-name",
@@ -354,6 +355,7 @@ FLAGS = {
         "--socket",
         "--kubelet-plugins-directory-path",
     ],
+    "fleet": ["--kubeconfig", "--output", "--job-sizes"],
     "cleanup": [
         "--driver-name",
         "--cdi-root",
