@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from driver import cdi, control
+from driver import cdi, control, socket_files
 from driver.errors import UnidraError
 from driver.kubelet import sockets
 
@@ -43,7 +43,7 @@ def clean(
         path.unlink(missing_ok=True)
         removed.append(path)
     for path in sorted(registrar_dir.glob(f"{driver}-*reg.sock")):
-        sockets.clear_stale(path)
+        socket_files.remove_any(path)
         removed.append(path)
     if plugin_dir.is_dir() and not plugin_dir.is_symlink():
         # The directory may be a mount point of the cleanup pod: empty it rather than remove it.

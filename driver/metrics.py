@@ -34,6 +34,8 @@ ERROR_REASONS = (
     "ConfigError",
     "RetryableError",
     "LockTimeout",
+    "DeadlineExceeded",
+    "StorageError",
     "CheckpointCorrupt",
     "internal",
 )
@@ -96,6 +98,16 @@ class DriverMetrics:
         )
         self.slice_writes = Counter(
             "unidra_slice_writes", "ResourceSlice API writes, by verb.", ["verb"], registry=registry
+        )
+        self.slice_writes_postponed = Counter(
+            "unidra_slice_writes_postponed",
+            "ResourceSlice writes held back by the pool's write limit (counted each time).",
+            registry=registry,
+        )
+        self.publishing = Gauge(
+            "unidra_publishing",
+            "1 while this instance is the one that publishes the node's ResourceSlices.",
+            registry=registry,
         )
         self.api_errors = Counter(
             "unidra_api_errors", "Kubernetes API errors, by reason.", ["reason"], registry=registry

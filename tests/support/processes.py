@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Process:
-    def __init__(self, node, crashpoint: str = "") -> None:  # type: ignore[no-untyped-def]
+    """`unidra kubelet-plugin` on the node; `args` are added to (and override) node.argv()."""
+
+    def __init__(
+        self, node, crashpoint: str = "", args: Sequence[str] = (), log: str = "daemon.log"
+    ) -> None:  # type: ignore[no-untyped-def]
         env = {**os.environ, "UNIDRA_CRASHPOINT": crashpoint, "PYTHONUNBUFFERED": "1"}
-        self.log = open(node.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = node.root / log
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", *node.argv()],
+            [sys.executable, "-m", "driver", *node.argv(), *args],
             cwd=REPO,
             env=env,
             stdout=self.log,
@@ -41,6 +46,10 @@ class Process:
                 raise TimeoutError(self.output(node))
             time.sleep(0.01)
         return kubelet.wait_for_registration(node.registrar_dir)
+
+    def text(self) -> str:
+        """What this process logged."""
+        return self.log_path.read_text(errors="replace")
 
     @staticmethod
     def output(node) -> str:  # type: ignore[no-untyped-def]
