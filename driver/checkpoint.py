@@ -110,15 +110,16 @@ class CheckpointStore:
 
     def read(self) -> Checkpoint:
         """The current checkpoint (empty if none exists yet); CheckpointCorrupt if unreadable."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return Checkpoint()
-        # Every write renames a new file into place, so inode + mtime + size identify a version,
-        # including versions written by another instance.
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, decode(self.path.read_bytes()))
+        with durable.refused_as_storage_error("read", self.path):
+            try:
+                stat = os.stat(self.path)
+            except FileNotFoundError:
+                return Checkpoint()
+            # Every write renames a new file into place, so inode + mtime + size identify a
+            # version, including versions written by another instance.
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, decode(self.path.read_bytes()))
         cached = self._cache[1]
         return Checkpoint(boot_id=cached.boot_id, claims=dict(cached.claims))
 

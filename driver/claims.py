@@ -10,6 +10,20 @@ from dataclasses import dataclass
 
 from driver.errors import ClaimError
 
+# The API's limits: namespaces, device and request names are DNS labels, claim names DNS
+# subdomains, UIDs the server's UUIDs. Anything longer names no real object, so errors and logs
+# show at most this much of it: a 100,000-character name from a broken client must not flood them.
+MAX_LABEL = 63
+MAX_NAME = 253
+MAX_UID = 36
+
+
+def shown(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters for errors and logs, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...(+{len(text) - limit} characters)"
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimRef:
@@ -20,7 +34,12 @@ class ClaimRef:
     uid: str
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return f"{shown(self.namespace, MAX_LABEL)}/{shown(self.name, MAX_NAME)}"
+
+    @property
+    def shown_uid(self) -> str:
+        """The UID as errors and logs show it."""
+        return shown(self.uid, MAX_UID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +97,8 @@ def parse(obj: Mapping[str, object], ref: ClaimRef) -> AllocatedClaim:
     uid = meta.get("uid")
     if uid != ref.uid:
         raise ClaimError(
-            f"claim {ref} has UID {uid}, but kubelet asked for UID {ref.uid}: "
-            "the claim was deleted and recreated"
+            f"claim {ref} has UID {shown(str(uid), MAX_UID)}, but kubelet asked for UID "
+            f"{ref.shown_uid}: the claim was deleted and recreated"
         )
     status = _mapping(obj.get("status"), "status")
     allocation = status.get("allocation")
@@ -107,12 +126,32 @@ def results_for(claim: AllocatedClaim, driver: str, pool: str) -> tuple[Allocati
     """The results of this driver in this node's pool; a claim with none of them is an error."""
     ours = tuple(r for r in claim.results if r.driver == driver and r.pool == pool)
     if ours:
+        _refuse_duplicates(claim.ref, ours)
         return ours
-    elsewhere = sorted({f"{r.driver}/{r.pool}" for r in claim.results})
+    elsewhere = sorted(
+        {f"{shown(r.driver, MAX_LABEL)}/{shown(r.pool, MAX_NAME)}" for r in claim.results}
+    )
     where = ", ".join(elsewhere) if elsewhere else "no devices at all"
     raise ClaimError(
         f"claim {claim.ref} has no devices of driver {driver} in pool {pool} (it has {where})"
     )
+
+
+def _refuse_duplicates(ref: ClaimRef, results: tuple[AllocationResult, ...]) -> None:
+    """One allocation of a device per claim, except shares of one device (each with its shareID)."""
+    seen: dict[tuple[str, str | None], AllocationResult] = {}
+    for result in results:
+        key = (result.device, result.share_id)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = result
+        else:
+            share = f" with shareID {shown(result.share_id, MAX_UID)}" if result.share_id else ""
+            raise ClaimError(
+                f"claim {ref} lists device {shown(result.device, MAX_LABEL)}{share} twice "
+                f"(requests {shown(first.request, MAX_LABEL)} and {shown(result.request, MAX_LABEL)}); "
+                "a device is allocated at most once per claim"
+            )
 
 
 def _result(item: object, path: str) -> AllocationResult:

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from driver import cdi, control
+from driver import cdi, control, socket_files
 from driver.errors import UnidraError
 from driver.kubelet import sockets
 
@@ -44,7 +44,7 @@ def clean(
     for path in specs:
         path.unlink(missing_ok=True)
     for path in registrations:
-        sockets.clear_stale(path)
+        socket_files.remove_any(path)
     for entry in owned:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

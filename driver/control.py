@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.errors import UnidraError
+from driver.socket_files import SocketFile, clear_stale
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ class ControlServer:
     def __init__(self, path: Path, handle: Handler) -> None:
         self.path = path
         self.handle = handle
-        if path.exists() or path.is_symlink():
-            path.unlink()
+        clear_stale(path)
         outer = self
 
         class _Request(socketserver.StreamRequestHandler):
@@ -49,6 +49,7 @@ class ControlServer:
 
         self._server = socketserver.ThreadingUnixStreamServer(str(path), _Request)
         self._server.daemon_threads = True
+        self._bound = SocketFile.bound_at(path)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -63,7 +64,7 @@ class ControlServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self.path.unlink(missing_ok=True)
+        self._bound.remove()
 
 
 def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

@@ -15,7 +15,7 @@ _ARMED = os.environ.get("UNIDRA_CRASHPOINT", "")
 # Every point the code declares, so tests can iterate over them and a typo fails loudly.
 POINTS = (
     "prepare-after-cdi",
-    "unprepare-after-cdi-removed",
+    "unprepare-after-record-removed",
 )
 
 

@@ -1,14 +1,18 @@
 """The kubelet-plugin daemon: the one module that wires everything together and orders start and stop.
 
-Start: discover devices -> recover node state -> DRA socket (DRA v1/v1beta1 and the health
-stream) -> registration socket -> background loops (publishing, health, sampling, claim status)
--> metrics endpoint and control socket.
-Stop (SIGTERM/SIGINT): registration socket first, then in-flight calls finish, then the DRA
-socket, then the background loops. Slices stay: kubelet wipes them when no instance returns.
+Start: claim this instance's sockets (refusing while another instance owns them) -> bind the
+metrics and health ports -> discover devices -> recover node state -> DRA socket (DRA
+v1/v1beta1 and the health stream) -> registration socket -> background loops (publishing once
+this instance holds the node's publisher lock, health, sampling, claim status) -> metrics
+endpoint and control socket. Whatever fails, nothing that another instance serves is touched.
+Stop (SIGTERM/SIGINT): registration socket first, then publishing is handed over, then
+in-flight calls finish, then the DRA socket, then the background loops. Slices stay: kubelet
+wipes them when no instance returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,42 +20,50 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry
 
-from driver import backends, kubeapi, slices
+from driver import backends, boot, instances, kubeapi, slices
 from driver.backends import Backend, BackendContext, FaultInjector, HealthSource
 from driver.checkpoint import CheckpointStore, PreparedDevice
 from driver.claim_status import ClaimStatusWriter
 from driver.claims import ClaimRef
 from driver.control import ControlServer
+from driver.deadlines import Deadline
 from driver.errors import ConfigError, FatalError, UnidraError
 from driver.health import HealthBoard, parse_policy
+from driver.health_store import HealthStore
+from driver.instances import InstanceRecord, Lease
 from driver.inventory import LiveInventory, partitions_warning
 from driver.kubelet import sockets
 from driver.kubelet.health_stream import HEALTH_SERVICES, DeviceHealth, HealthStream
 from driver.kubelet.liveness import LivenessServer, SelfCheckingHealth
 from driver.kubelet.registration import RegistrationServicer, RegistrationState
 from driver.kubelet.server import PluginServers, UnixServer
-from driver.kubelet.service import DRA_SERVICES, add_dra_services
+from driver.kubelet.service import DRA_SERVICES, ClaimRunner, add_dra_services
 from driver.locks import FileLocks
 from driver.metrics import (
     DeviceCollector,
     DriverMetrics,
     SampleCache,
+    bind_http,
     sampling_loop,
-    serve_http,
+    serve_in_background,
 )
 from driver.model import HealthEvent, Partition
 from driver.prepare import ClaimSource, Preparer, Timings
-from driver.publisher import Plan, Publisher
+from driver.publisher import Plan, Publisher, TokenBucket
 from driver.settings import Settings
 from driver.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+# How often an instance that does not publish checks whether the publisher let go.
+LEASE_POLL_SECONDS = 0.5
 
 
 class ClaimOperations:
@@ -64,18 +76,18 @@ class ClaimOperations:
         self.metrics = metrics
         self.status = status
 
-    def prepare(self, ref: ClaimRef) -> tuple[PreparedDevice, ...]:
+    def prepare(self, ref: ClaimRef, deadline: Deadline) -> tuple[PreparedDevice, ...]:
         timings = Timings()
         try:
             devices: tuple[PreparedDevice, ...] = self._timed(
-                "prepare", ref, lambda: self.preparer.prepare(ref, timings)
+                "prepare", ref, lambda: self.preparer.prepare(ref, timings, deadline)
             )
         finally:
             self.metrics.observe_phases(timings)
         return devices
 
-    def unprepare(self, ref: ClaimRef) -> None:
-        self._timed("unprepare", ref, lambda: self.preparer.unprepare(ref))
+    def unprepare(self, ref: ClaimRef, deadline: Deadline) -> None:
+        self._timed("unprepare", ref, lambda: self.preparer.unprepare(ref, deadline))
 
     def _timed(self, operation: str, ref: ClaimRef, call: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -87,6 +99,85 @@ class ClaimOperations:
         self.metrics.observe(operation, time.perf_counter() - started, None)
         (self.status.prepared if operation == "prepare" else self.status.unprepared)(ref)
         return result
+
+
+class Leadership:
+    """This instance's turn as the node's publisher.
+
+    It waits for the publisher lock; holding it, it adopts the health the previous publisher
+    saved, publishes the slices and saves every health change; on stop it lets go, so the next
+    instance takes over only then (or when this process dies and the kernel drops the lock).
+    """
+
+    def __init__(
+        self,
+        *,
+        lease: Lease,
+        record: InstanceRecord,
+        publisher: Publisher,
+        board: HealthBoard,
+        store: HealthStore,
+        metrics: DriverMetrics,
+    ) -> None:
+        self.lease = lease
+        self.record = record
+        self.publisher = publisher
+        self.board = board
+        self.store = store
+        self.metrics = metrics
+        # Re-entrant: taking the lead adopts health, and the board then calls health_changed.
+        self._lock = threading.RLock()
+        self._done = False
+
+    @property
+    def leading(self) -> bool:
+        return self.publisher.leading.is_set()
+
+    def loop(self, stop: threading.Event) -> None:
+        announced = False
+        while not stop.is_set():
+            with self._lock:
+                if self._done:
+                    break
+                if self.lease.try_acquire(self.record):
+                    self._lead()
+                    break
+            if not announced:
+                holder = self.lease.holder()
+                log.info(
+                    "Another instance publishes this node's ResourceSlices; serving kubelet and "
+                    "taking over when it stops",
+                    extra={"publisher": holder.describe() if holder else "starting"},
+                )
+                announced = True
+            stop.wait(LEASE_POLL_SECONDS)
+        stop.wait()
+
+    def health_changed(self) -> None:
+        """Board subscriber: the publisher keeps the saved health current."""
+        with self._lock:
+            if self.leading:
+                self.store.save(self.board.snapshot())
+
+    def let_go(self) -> None:
+        """Stop publishing and release the lock; never leads again."""
+        with self._lock:
+            self._done = True
+            if not self.lease.held:
+                return
+            self.publisher.let_go()
+            self.store.save(self.board.snapshot())
+            self.lease.release()
+            self.metrics.publishing.set(0)
+        log.info("Stopped publishing ResourceSlices; the next instance takes over")
+
+    def _lead(self) -> None:
+        adopted = self.board.restore(self.store.load())
+        self.store.save(self.board.snapshot())
+        self.metrics.publishing.set(1)
+        self.publisher.leading.set()
+        self.publisher.wake()
+        log.info("Publishing this node's ResourceSlices", extra={"conditions_adopted": adopted})
 
 
 @dataclass
@@ -107,10 +198,17 @@ class Daemon:
     control: ControlServer
     metrics_server: WSGIServer | None
     liveness: LivenessServer | None
+    leadership: Leadership
+    runner: ClaimRunner
+    instance: Lease
 
     def stop(self) -> None:
         log.info("Stopping", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
-        self.servers.stop(self.settings.shutdown_grace_seconds)
+        # Kubelet deregisters this instance at once and sends new calls to another one, if any.
+        self.servers.registration.stop(0)
+        self.leadership.let_go()
+        self.servers.dra.stop(self.settings.shutdown_grace_seconds)
+        self.runner.close()
         self.control.stop()
         if self.liveness is not None:
             self.liveness.stop()
@@ -118,15 +216,47 @@ class Daemon:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         self.supervisor.stop()
+        self.instance.release(remove=True)
         log.info("Stopped; sockets removed")
 
 
 def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon:
-    """Bring the plugin up and return once kubelet can register it."""
+    """Bring the plugin up and return once kubelet can register it; on failure, undo what was done."""
+    with contextlib.ExitStack() as undo:
+        daemon = _start(settings, claim_source, undo)
+        undo.pop_all()
+        return daemon
+
+
+def _start(
+    settings: Settings, claim_source: ClaimSource | None, undo: contextlib.ExitStack
+) -> Daemon:
+    settings.plugin_dir.mkdir(parents=True, exist_ok=True)
+    dra_path = sockets.dra_socket(settings.plugin_dir, settings.pod_uid)
+    registration_path = sockets.registration_socket(
+        settings.registrar_dir, settings.driver_name, settings.pod_uid
+    )
+    control_path = sockets.control_socket(settings.plugin_dir, settings.pod_uid)
+    record = InstanceRecord.of_this_process(
+        settings.pod_uid, [dra_path, registration_path, control_path]
+    )
+    instance = instances.claim_instance(settings.plugin_dir, settings.pod_uid, record)
+    undo.callback(instance.release, remove=True)
+
+    # Ports next: a port in use must fail before any socket is touched.
+    registry = CollectorRegistry()
+    metrics = DriverMetrics(registry)
+    metrics_server = bind_http(settings.metrics_address, "--metrics-address", registry)
+    if metrics_server is not None:
+        undo.callback(metrics_server.server_close)
+    liveness = _bind_liveness(settings, registration_path, dra_path)
+    if liveness is not None:
+        undo.callback(liveness.stop)
+
     live = _discover(settings)
     api_client = kubeapi.build_client(settings.kubeconfig)
-    settings.plugin_dir.mkdir(parents=True, exist_ok=True)
     settings.cdi_root.mkdir(parents=True, exist_ok=True)
+    boot_id = boot.boot_id(settings.host_root)
     locks = FileLocks(settings.plugin_dir / "serialize.lock")
     store = CheckpointStore(settings.plugin_dir / "checkpoint.json", locks)
     preparer = Preparer(
@@ -137,11 +267,10 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         store=store,
         locks=locks,
         cdi_root=settings.cdi_root,
+        boot_id=boot_id,
     )
     preparer.recover()
 
-    registry = CollectorRegistry()
-    metrics = DriverMetrics(registry)
     board = HealthBoard(
         taint_key=f"{settings.driver_name}/unhealthy",
         policy=parse_policy(settings.taint_effects),
@@ -149,6 +278,8 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         min_hold_seconds=settings.health_min_hold_seconds,
     )
     board.monitored = _monitored(live)
+    health_store = HealthStore(settings.plugin_dir / "health.json", boot_id)
+    board.restore(health_store.load())
     stream = HealthStream(
         settings.pool_name,
         lambda: _health_snapshot(live, board),
@@ -163,8 +294,9 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         inventory=live.current,
     )
     operations = ClaimOperations(preparer, metrics, status)
+    runner = ClaimRunner()
+    undo.callback(runner.close)
 
-    dra_path = sockets.dra_socket(settings.plugin_dir, settings.pod_uid)
     registration = RegistrationState()
     servicer = RegistrationServicer(
         settings.driver_name, str(dra_path), (*DRA_SERVICES, *HEALTH_SERVICES), registration
@@ -172,21 +304,15 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
     metrics.registered.set_function(lambda: 1.0 if registration.registered else 0.0)
 
     def serve_dra(server: Any) -> None:
-        add_dra_services(server, operations)
+        add_dra_services(server, operations, runner)
         stream.add_to(server)
 
     servers = PluginServers(
         dra=UnixServer(dra_path, serve_dra, workers=32, name="dra"),
-        registration=UnixServer(
-            sockets.registration_socket(
-                settings.registrar_dir, settings.driver_name, settings.pod_uid
-            ),
-            servicer.add_to,
-            workers=2,
-            name="registration",
-        ),
+        registration=UnixServer(registration_path, servicer.add_to, workers=2, name="registration"),
     )
     servers.start()
+    undo.callback(servers.stop, 0)
 
     slice_api = kubeapi.SliceApi(api_client)
     _report_api_server(slice_api, settings)
@@ -197,11 +323,28 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         desired=lambda: slices.build(live.current(), board.taints()),
         on_sync=lambda plan: _count_writes(metrics, plan),
         on_error=metrics.api_error,
+        on_postponed=metrics.slice_writes_postponed.inc,
+        limit=TokenBucket(settings.slice_write_burst, settings.slice_writes_per_second),
     )
-    for callback in (publisher.wake, stream.notify, status.health_changed):
-        board.subscribe(callback)
+    publisher.leading.clear()  # until this instance holds the node's publisher lock
+    leadership = Leadership(
+        lease=instances.publisher_lease(settings.plugin_dir),
+        record=record,
+        publisher=publisher,
+        board=board,
+        store=health_store,
+        metrics=metrics,
+    )
+    undo.callback(leadership.let_go)
+    board.subscribe(leadership.health_changed)
+    board.subscribe(publisher.wake)
+    board.subscribe(stream.notify)
+    # Claim status follows health from the publisher only, so two instances never disagree there.
+    board.subscribe(lambda: status.health_changed() if leadership.leading else None)
 
     supervisor = Supervisor(on_restart=lambda loop: metrics.restarts.labels(loop).inc())
+    undo.callback(supervisor.stop)
+    supervisor.spawn("publisher-lease", leadership.loop)
     supervisor.spawn("slice-publisher", publisher.reconcile_loop, interrupt=publisher.wake)
     supervisor.spawn("slice-watch", publisher.watch_loop, interrupt=publisher.interrupt_watch)
     supervisor.spawn(
@@ -225,13 +368,13 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
             node=settings.node_name, inventory=live.current, board=board, store=store, cache=cache
         )
     )
-    metrics_server = _serve_metrics(settings, registry)
-    control = ControlServer(
-        sockets.control_socket(settings.plugin_dir, settings.pod_uid),
-        lambda request: _control(request, live, board),
-    )
+    if metrics_server is not None:
+        serve_in_background(metrics_server)
+    control = ControlServer(control_path, lambda request: _control(request, live, board))
     control.start()
-    liveness = _serve_liveness(settings, servers)
+    undo.callback(control.stop)
+    if liveness is not None:
+        liveness.start()
     return Daemon(
         settings,
         live,
@@ -247,6 +390,9 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         control,
         metrics_server,
         liveness,
+        leadership,
+        runner,
+        instance,
     )
 
 
@@ -399,18 +545,11 @@ def _count_writes(metrics: DriverMetrics, plan: Plan) -> None:
     metrics.slice_writes.labels("delete").inc(len(plan.deletes))
 
 
-def _serve_liveness(settings: Settings, servers: PluginServers) -> LivenessServer | None:
+def _bind_liveness(settings: Settings, registration: Path, dra: Path) -> LivenessServer | None:
+    """The health-check port, bound now and served once the sockets are up."""
     if settings.healthcheck_port is None:
         return None
-    server = LivenessServer(
-        settings.healthcheck_port, SelfCheckingHealth(servers.registration.path, servers.dra.path)
-    )
-    server.start()
-    return server
-
-
-def _serve_metrics(settings: Settings, registry: CollectorRegistry) -> WSGIServer | None:
-    return serve_http(settings.metrics_address, "--metrics-address", registry)
+    return LivenessServer(settings.healthcheck_port, SelfCheckingHealth(registration, dra))
 
 
 def _control(request: dict[str, Any], live: LiveInventory, board: HealthBoard) -> dict[str, Any]:

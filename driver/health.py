@@ -6,10 +6,12 @@ unhealthy device, `<driver>/unhealthy=<reason>`. Conditions clear when the devic
 again: a recovery signal for persistent faults (lost, uncorrectable ECC), or a quiet period for
 transient ones (Xid, overheating). A device that keeps failing right after recovering waits
 longer each time (exponential hold-down), so a flapping device does not thrash the slices.
+`snapshot` and `restore` carry the conditions and their hold times over to the next instance.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import re
@@ -205,6 +207,54 @@ class HealthBoard:
                 ]
         return result
 
+    def snapshot(self) -> dict[str, DeviceState]:
+        """A copy of every device state worth keeping: active conditions or a flapping history.
+
+        Times are on the board's clock (monotonic by default: the same clock for every process
+        of one boot, which is why the saved state is tagged with the boot ID).
+        """
+        with self._lock:
+            return {
+                name: copy.deepcopy(state)
+                for name, state in self._states.items()
+                if state.conditions or state.flaps
+            }
+
+    def restore(self, saved: Mapping[str, DeviceState]) -> int:
+        """Adopt conditions another instance held (or this one before a restart) that are not
+        active here; flap history takes the longer of both. Effects follow this board's policy.
+        Returns how many conditions were adopted; subscribers hear of them."""
+        adopted: dict[str, list[str]] = {}
+        with self._lock:
+            for name, other in saved.items():
+                state = self._states.setdefault(name, DeviceState())
+                state.flaps = max(state.flaps, other.flaps)
+                state.last_fault = max(state.last_fault, other.last_fault)
+                state.last_recovery = max(state.last_recovery, other.last_recovery)
+                for kind, condition in other.conditions.items():
+                    if kind in state.conditions:
+                        continue
+                    state.conditions[kind] = Condition(
+                        kind,
+                        condition.code,
+                        condition.message,
+                        self._effect(kind),
+                        condition.raised,
+                        condition.clear_after,
+                    )
+                    adopted.setdefault(name, []).append(kind)
+                if name in adopted:
+                    state.updated = max(state.updated, other.updated)
+                    # Holds that ended while no instance ran are over now.
+                    self._clear_due(state, self.clock())
+                    adopted[name] = [k for k in adopted[name] if k in state.conditions]
+                    if not adopted[name]:
+                        del adopted[name]
+        if adopted:
+            log.warning("Device conditions carried over", extra={"devices": adopted})
+            self._notify()
+        return sum(len(kinds) for kinds in adopted.values())
+
     def unhealthy(self) -> dict[str, list[str]]:
         with self._lock:
             return {name: sorted(s.conditions) for name, s in self._states.items() if s.conditions}
@@ -231,7 +281,7 @@ class HealthBoard:
             log.warning(
                 "Unknown health event kind; tainting with NoSchedule", extra={"kind": event.kind}
             )
-        effect = self.policy.get(event.kind, Effect.NO_SCHEDULE)
+        effect = self._effect(event.kind)
         if not state.conditions:
             # Failing again soon after recovering waits longer next time; a long healthy spell forgives.
             recent = now - state.last_recovery < self.flap_window_seconds
@@ -252,6 +302,9 @@ class HealthBoard:
             },
         )
         return True
+
+    def _effect(self, kind: str) -> Effect | None:
+        return self.policy.get(kind, Effect.NO_SCHEDULE)
 
     def _clear_due(self, state: DeviceState, now: float) -> bool:
         changed = False

@@ -22,7 +22,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from driver.claims import ClaimRef
+from driver.claims import ClaimRef, shown
 from driver.errors import ClaimError, ConfigError, FatalError, RetryableError, UnidraError
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # (connect, read) seconds: well inside kubelet's 45 s call timeout, so a hung API server turns
 # into a per-claim retryable error instead of a kubelet-side timeout.
 REQUEST_TIMEOUT = (5.0, 15.0)
+# How much of an API server's error message goes into a claim's error.
+MAX_REASON = 512
 
 
 def require_kubeconfig(kubeconfig: Path | None) -> None:
@@ -115,10 +117,11 @@ class Rest:
         query: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         missing: str = "",
+        timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
         """The answer as JSON; `missing` says what a 404 means for this request."""
         try:
-            response = self.open(method, path, query, body, REQUEST_TIMEOUT)
+            response = self.open(method, path, query, body, timeout)
             try:
                 answer: dict[str, Any] = json.loads(response.data)
             finally:
@@ -166,12 +169,14 @@ class ClaimReader:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.rest = Rest(api_client)
 
-    def __call__(self, ref: ClaimRef) -> Mapping[str, Any]:
+    def __call__(self, ref: ClaimRef, timeout: float) -> Mapping[str, Any]:
+        """The claim, waiting at most about `timeout` seconds for the API server."""
         return self.rest.json(
             f"reading claim {ref}",
             "GET",
             _claim_path(ref.namespace, ref.name),
             missing=CLAIM_DELETED,
+            timeout=(min(REQUEST_TIMEOUT[0], timeout), min(REQUEST_TIMEOUT[1], timeout)),
         )
 
 
@@ -197,11 +202,13 @@ def classify(err: ApiException, action: str, missing: str = "") -> Exception:
 
 
 def _reason(err: ApiException) -> str:
+    """The server's message, cut: it may echo a name of any length back."""
     try:
         status = json.loads(err.body or "{}")
-        return str(status.get("message") or err.reason)
+        message = str(status.get("message") or err.reason)
     except ValueError:
-        return str(err.reason)
+        message = str(err.reason)
+    return shown(message, MAX_REASON)
 
 
 class SliceApi:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from driver.errors import RetryableError
+from driver.errors import RetryableError, StorageError
 
 _STATE_OFFSET = 0
 _CLAIM_SPACE = 1 << 40
@@ -43,9 +43,9 @@ class FileLocks:
         os.close(fd)
 
     @contextlib.contextmanager
-    def claim(self, uid: str) -> Iterator[None]:
-        """Hold the lock of one claim."""
-        with self._hold(_claim_offset(uid), f"claim {uid}", blocking=True):
+    def claim(self, uid: str, timeout: float | None = None) -> Iterator[None]:
+        """Hold the lock of one claim, waiting at most `timeout` seconds (default: the lock's)."""
+        with self._hold(_claim_offset(uid), f"claim {uid}", blocking=True, timeout=timeout):
             yield
 
     @contextlib.contextmanager
@@ -64,18 +64,22 @@ class FileLocks:
             yield False
 
     @contextlib.contextmanager
-    def _hold(self, offset: int, what: str, blocking: bool) -> Iterator[None]:
+    def _hold(
+        self, offset: int, what: str, blocking: bool, timeout: float | None = None
+    ) -> Iterator[None]:
+        wait = max(0.0, self.timeout if timeout is None else min(timeout, self.timeout))
         local = self._acquire_local(offset)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + wait
         try:
-            if not local.acquire(timeout=self.timeout if blocking else 0):
+            if not local.acquire(timeout=wait if blocking else 0):
                 if blocking:
-                    raise LockTimeout(
-                        f"timed out after {self.timeout:g}s waiting for the lock of {what}"
-                    )
+                    raise LockTimeout(f"timed out after {wait:g}s waiting for the lock of {what}")
                 raise _Busy
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as err:
+                    raise StorageError.from_os("open the lock file", self.path, err) from err
                 try:
                     _lock_range(fd, offset, what, deadline if blocking else None)
                     yield

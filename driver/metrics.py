@@ -46,6 +46,8 @@ ERROR_REASONS = (
     "ConfigError",
     "RetryableError",
     "LockTimeout",
+    "DeadlineExceeded",
+    "StorageError",
     "CheckpointCorrupt",
     "internal",
 )
@@ -108,6 +110,16 @@ class DriverMetrics:
         )
         self.slice_writes = Counter(
             "unidra_slice_writes", "ResourceSlice API writes, by verb.", ["verb"], registry=registry
+        )
+        self.slice_writes_postponed = Counter(
+            "unidra_slice_writes_postponed",
+            "ResourceSlice writes held back by the pool's write limit (counted each time).",
+            registry=registry,
+        )
+        self.publishing = Gauge(
+            "unidra_publishing",
+            "1 while this instance is the one that publishes the node's ResourceSlices.",
+            registry=registry,
         )
         self.api_errors = Counter(
             "unidra_api_errors", "Kubernetes API errors, by reason.", ["reason"], registry=registry
@@ -388,10 +400,20 @@ def serve_http(
     registry: CollectorRegistry,
     ready: Callable[[], bool] | None = None,
 ) -> WSGIServer | None:
-    """Serve /metrics (and /readyz when `ready` is given) in a thread; None when `address` is empty.
+    """Serve /metrics (and /readyz when `ready` is given) in a thread; None when `address` is empty."""
+    server = bind_http(address, flag, registry, ready)
+    if server is not None:
+        serve_in_background(server)
+    return server
 
-    A short poll interval keeps shutdown prompt.
-    """
+
+def bind_http(
+    address: str,
+    flag: str,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool] | None = None,
+) -> WSGIServer | None:
+    """Bind the endpoint's port without serving yet, so a taken port fails before anything else."""
     endpoint = metrics_endpoint(address)
     if endpoint is None:
         return None
@@ -409,9 +431,13 @@ def serve_http(
         return answer
 
     try:
-        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        return make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as err:
         raise FatalError(f"cannot serve metrics on {address} ({flag}): {err.strerror}") from err
+
+
+def serve_in_background(server: WSGIServer) -> None:
+    """Serve a bound endpoint in a thread of its own; a short poll interval keeps shutdown prompt."""
     thread = threading.Thread(
         target=server.serve_forever,
         kwargs={"poll_interval": 0.05},
@@ -419,8 +445,8 @@ def serve_http(
         daemon=True,
     )
     thread.start()
+    host = str(server.server_address[0])
     log.info("Serving metrics", extra={"address": f"{host}:{server.server_port}"})
-    return server
 
 
 def wsgi_app(registry: CollectorRegistry) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:

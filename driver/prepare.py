@@ -1,10 +1,13 @@
 """PREPARE and UNPREPARE claims: plan (pure) -> CDI spec -> checkpoint entry.
 
 The claim is fetched from the API before any lock is taken. The CDI spec is made durable before
-the claim is recorded, so a recorded claim always has its spec, and a spec without a record is
-a prepare that died before answering kubelet (recovery removes it; kubelet retries). Everything
-after the fetch is idempotent: a recorded claim is answered from the checkpoint without side
-effects, and unprepare succeeds for claims it has never seen.
+the claim is recorded, and unprepare drops the record before the spec, so a recorded claim
+always has its spec. A spec without a record is a prepare that failed or died before answering
+kubelet, or an unprepare that died before finishing: recovery removes it, kubelet retries. A
+prepare whose record cannot be written removes its spec before answering. Everything after the
+fetch is idempotent: a recorded claim is answered from the checkpoint without side effects, and
+unprepare succeeds for claims it has never seen. Every wait (the claim GET, the claim's lock) is
+bounded by the kubelet call's Deadline.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from driver import cdi, claims, crashpoints, durable, opaque
 from driver.backends import Partitioner
@@ -24,15 +28,22 @@ from driver.checkpoint import (
     PreparedClaim,
     PreparedDevice,
 )
-from driver.claims import AllocatedClaim, AllocationResult, ClaimRef
-from driver.errors import ClaimError, ConfigError
+from driver.claims import MAX_LABEL, AllocatedClaim, AllocationResult, ClaimRef, shown
+from driver.deadlines import Deadline
+from driver.errors import ClaimError, ConfigError, UnidraError
 from driver.inventory import Inventory
 from driver.locks import FileLocks
 from driver.model import ContainerEdits, Device, Partition
 
 log = logging.getLogger(__name__)
 
-ClaimSource = Callable[[ClaimRef], Mapping[str, object]]
+
+class ClaimSource(Protocol):
+    def __call__(self, ref: ClaimRef, timeout: float) -> Mapping[str, object]:
+        """The ResourceClaim as stored, waiting at most about `timeout` seconds."""
+        ...
+
+
 ADMIN_ACCESS_ENV = "DRA_ADMIN_ACCESS=true"
 
 
@@ -73,6 +84,7 @@ class RecoveryReport:
     orphans_removed: tuple[str, ...] = ()
     rebuilt_from_cdi: tuple[str, ...] = ()
     corrupt_checkpoint: str | None = None
+    rebooted: bool = False
 
 
 class Preparer:
@@ -88,6 +100,7 @@ class Preparer:
         store: CheckpointStore,
         locks: FileLocks,
         cdi_root: Path,
+        boot_id: str = "",
     ) -> None:
         self.driver = driver
         self.pool = pool
@@ -96,21 +109,27 @@ class Preparer:
         self.store = store
         self.locks = locks
         self.cdi_root = cdi_root
+        self.boot_id = boot_id
 
-    def prepare(self, ref: ClaimRef, timings: Timings | None = None) -> tuple[PreparedDevice, ...]:
+    def prepare(
+        self, ref: ClaimRef, timings: Timings | None = None, deadline: Deadline | None = None
+    ) -> tuple[PreparedDevice, ...]:
         """Prepare one claim and return its devices; raises an UnidraError for this claim only."""
         timings = timings or Timings()
+        deadline = deadline or Deadline.for_call(None)
         started = time.perf_counter()
         self._check_uid(ref)
         done = self.store.read().claims.get(ref.uid)
         started = timings.mark("checkpoint_read", started)
         if done is not None:
             return done.devices
-        claim = claims.parse(self.claim_source(ref), ref)
+        deadline.check(f"reading claim {ref}")
+        claim = claims.parse(self.claim_source(ref, deadline.remaining()), ref)
         started = timings.mark("claim_get", started)
         plan = self.plan(claim)
         started = timings.mark("plan", started)
-        with self.locks.claim(ref.uid):
+        deadline.check(f"preparing claim {ref}")
+        with self.locks.claim(ref.uid, timeout=deadline.remaining()):
             started = timings.mark("lock_wait", started)
             checkpoint = self.store.read()
             if ref.uid in checkpoint.claims:  # a concurrent call for the same claim won
@@ -132,8 +151,11 @@ class Preparer:
                         devices=plan.devices,
                         consumers=claim.reserved_for,
                     )
-            except ClaimError:
-                durable.remove(path)  # another claim took the device meanwhile
+            except Exception:
+                # Not recorded (another claim took the device meanwhile, or the disk refused):
+                # kubelet gets an error, so no spec may stay behind to be found by a container.
+                if not self._maybe_recorded(ref.uid):
+                    self._remove_unrecorded(ref, path)
                 raise
             timings.mark("checkpoint_write", started)
         log.info(
@@ -142,14 +164,20 @@ class Preparer:
         )
         return plan.devices
 
-    def unprepare(self, ref: ClaimRef) -> None:
-        """Undo prepare; succeeds for unknown claims and needs nothing but the checkpoint."""
+    def unprepare(self, ref: ClaimRef, deadline: Deadline | None = None) -> None:
+        """Undo prepare; succeeds for unknown claims and needs nothing but the checkpoint.
+
+        The record goes first: if it cannot be updated, the spec stays and kubelet's retry finds
+        the claim as it was. A spec whose record is gone is removed by the retry or at start.
+        """
         self._check_uid(ref)
-        with self.locks.claim(ref.uid):
-            removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
-            crashpoints.hit("unprepare-after-cdi-removed")
+        deadline = deadline or Deadline.for_call(None)
+        deadline.check(f"unpreparing claim {ref}")
+        with self.locks.claim(ref.uid, timeout=deadline.remaining()):
             with self.store.update() as checkpoint:
                 known = checkpoint.claims.pop(ref.uid, None) is not None
+            crashpoints.hit("unprepare-after-record-removed")
+            removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
         if known or removed:
             log.info("Unprepared claim", extra={"claim": str(ref), "uid": ref.uid})
 
@@ -176,6 +204,15 @@ class Preparer:
                 self.store.write(checkpoint)
         rewritten, orphans = [], []
         with self.store.update() as checkpoint:
+            previous_boot = checkpoint.boot_id
+            rebooted = bool(previous_boot and self.boot_id and previous_boot != self.boot_id)
+            if rebooted:
+                log.warning(
+                    "The node rebooted since the checkpoint was written; restoring the CDI specs "
+                    "of prepared claims",
+                    extra={"boot_id": self.boot_id, "previous_boot_id": previous_boot},
+                )
+            checkpoint.boot_id = self.boot_id or previous_boot
             for uid, entry in list(checkpoint.claims.items()):
                 with self.locks.try_claim(uid) as free:
                     path = cdi.spec_path(self.cdi_root, self.driver, uid)
@@ -194,6 +231,7 @@ class Preparer:
             orphans_removed=tuple(orphans),
             rebuilt_from_cdi=tuple(rebuilt),
             corrupt_checkpoint=corrupt,
+            rebooted=rebooted,
         )
         _log_recovery(report)
         return report
@@ -239,7 +277,8 @@ class Preparer:
         if item is None:
             hint = "" if inventory.layouts else "; partitions are published only with --partitions"
             raise ClaimError(
-                f"device {result.device} (request {result.request}) is not a device of this node; "
+                f"device {shown(result.device, MAX_LABEL)} (request {shown(result.request, MAX_LABEL)}) "
+                "is not a device of this node; "
                 f"the pool {self.pool} has {len(inventory.devices)} devices{hint}"
             )
         return item
@@ -344,10 +383,27 @@ class Preparer:
             )
         return checkpoint
 
+    def _maybe_recorded(self, uid: str) -> bool:
+        """Whether the record may have landed after all (a write that failed only at its
+        directory sync): then the spec must stay, and kubelet's retry answers from the record."""
+        try:
+            return uid in self.store.read().claims
+        except UnidraError:
+            return True  # unknowable: an orphan spec is harmless, a record without one is not
+
+    def _remove_unrecorded(self, ref: ClaimRef, path: Path) -> None:
+        try:
+            durable.remove(path)
+        except UnidraError as err:  # recovery removes it at the next start
+            log.error(
+                "Cannot remove the CDI spec of a claim that was not prepared",
+                extra={"claim": str(ref), "uid": ref.uid, "error": str(err)},
+            )
+
     @staticmethod
     def _check_uid(ref: ClaimRef) -> None:
         if not cdi.valid_claim_uid(ref.uid):
-            raise ClaimError(f"claim {ref} has an invalid UID {ref.uid!r}")
+            raise ClaimError(f"claim {ref} has an invalid UID {ref.shown_uid!r}")
 
 
 def _split_cdi_name(rest: str, device_names: set[str]) -> tuple[str, str | None]:

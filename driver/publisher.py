@@ -6,15 +6,21 @@ when one slice changed, otherwise a new pool generation written to every slice. 
 runs the plan in its own thread, retries with capped jittered back-off (never blocking
 prepare calls), and a watch wakes it within moments of any external edit or deletion,
 including kubelet's wipe of all node slices when it starts.
+
+Only one instance per node publishes (`leading`, see driver.instances), and a token bucket
+limits the pool's writes: real changes go out at once, but anything that keeps undoing them is
+answered at a trickle instead of a write war.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +45,7 @@ class Plan:
     creates: tuple[SliceContent, ...] = ()
     updates: tuple[tuple[Existing, SliceContent], ...] = ()
     deletes: tuple[Existing, ...] = ()
+    postponed: bool = False  # the write limit held these writes back
 
     @property
     def writes(self) -> int:
@@ -132,6 +139,49 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+class TokenBucket:
+    """At most `burst` writes at once, then `per_second`; thread-safe."""
+
+    def __init__(
+        self,
+        burst: float = 10,
+        per_second: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Spend a token if one is there."""
+        with self._lock:
+            self._refill()
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+    def wait(self) -> float:
+        """Seconds until a token is there."""
+        with self._lock:
+            self._refill()
+            return max(0.0, (1 - self._tokens) / self.per_second)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+
+
+def _leading() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class Stats:
     syncs: int = 0
@@ -139,6 +189,8 @@ class Stats:
     errors: int = 0
     last_error: str = ""
     generation: int = 0
+    postponed: int = 0  # writes the limit held back (each counted every time it held them)
+    postponed_in_a_row: int = 0
 
 
 @dataclass
@@ -155,6 +207,10 @@ class Publisher:
     synced: threading.Event = field(default_factory=threading.Event)
     on_sync: Callable[[Plan], None] | None = None
     on_error: Callable[[str], None] | None = None
+    on_postponed: Callable[[int], None] | None = None
+    # Set while this instance is the node's publisher; the loops idle while it is clear.
+    leading: threading.Event = field(default_factory=_leading)
+    limit: TokenBucket = field(default_factory=TokenBucket)
 
     def __post_init__(self) -> None:
         self._wake = threading.Event()
@@ -164,10 +220,18 @@ class Publisher:
         self._accepted: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
+        self._syncing = threading.Lock()
         self.counters_unsupported = False
 
     def wake(self) -> None:
         self._wake.set()
+
+    def let_go(self) -> None:
+        """Stop publishing: no write starts after this returns (the one under way finishes)."""
+        self.leading.clear()
+        self.interrupt_watch()
+        with self._syncing:
+            pass
 
     def interrupt_watch(self) -> None:
         """End the current watch (at shutdown); the watch loop then sees the stop request."""
@@ -181,9 +245,16 @@ class Publisher:
         backoff = Backoff()
         while not stop.is_set():
             self._wake.clear()
+            if not self.leading.is_set():
+                self._wake.wait()  # woken when this instance starts leading, or stops
+                continue
             try:
-                self.sync()
+                result = self.sync()
                 backoff.reset()
+                if result.postponed:
+                    # Wakes would only find the limit again: wait for the next token.
+                    stop.wait(self.limit.wait())
+                    continue
                 wait = self.resync_seconds
             except UnidraError as err:
                 self.stats.errors += 1
@@ -203,6 +274,10 @@ class Publisher:
         backoff = Backoff(initial=0.5)
         version = ""
         while not stop.is_set():
+            if not self.leading.is_set():
+                version = ""
+                stop.wait(0.2)
+                continue
             try:
                 if not version:
                     _, version = self.api.list(self.driver, self.node)
@@ -225,7 +300,13 @@ class Publisher:
     # -- one reconciliation ----------------------------------------------------------------
 
     def sync(self) -> Plan:
-        """Make the API match the desired slices; returns what was done."""
+        """Make the API match the desired slices; returns what was done (or postponed)."""
+        with self._syncing:
+            if not self.leading.is_set():
+                return Plan(self.stats.generation, 0)
+            return self._sync()
+
+    def _sync(self) -> Plan:
         if self._node_uid is None:
             self._node_uid = self.api.node_uid(self.node)
         desired = self.desired()
@@ -235,6 +316,19 @@ class Publisher:
         result = plan(existing, desired, self._same, self._highest_written)
         objects = [self._object(content, result) for content in desired]
         validation.check_pool(objects)
+        if result.writes and not self.limit.take():
+            if not self.stats.postponed_in_a_row:
+                log.warning(
+                    "ResourceSlice writes are being postponed by the write limit: is something "
+                    "else changing this node's slices?",
+                    extra={"writes": result.writes, "in_seconds": round(self.limit.wait(), 2)},
+                )
+            self.stats.postponed += result.writes
+            self.stats.postponed_in_a_row += 1
+            if self.on_postponed is not None:
+                self.on_postponed(result.writes)
+            return dataclasses.replace(result, postponed=True)
+        self.stats.postponed_in_a_row = 0
         for item, content in result.updates:
             body = self._object(content, result)
             body["metadata"].update(

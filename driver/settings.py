@@ -15,6 +15,8 @@ from driver.health import parse_policy
 
 DEFAULT_DRIVER_NAME = "unidra.dev"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# A pod UID names socket and lock files, so only UUID-like text is accepted.
+_POD_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class Settings:
     health_resend_seconds: float = 10.0
     # Time kubelet's in-flight calls get to finish after SIGTERM; kubelet's own call timeout is 45 s.
     shutdown_grace_seconds: float = 20.0
+    # ResourceSlice writes of the pool: this many at once, refilled at this rate. Real changes are
+    # rare and go out at once; anything fighting the driver over its slices is slowed to a trickle.
+    slice_write_burst: int = 10
+    slice_writes_per_second: float = 0.2
 
     @property
     def plugin_dir(self) -> Path:
@@ -69,6 +75,11 @@ class Settings:
                 "--node-name", f"{self.node_name!r} is not a valid Kubernetes node name"
             )
         check_driver_name(self.driver_name)
+        if self.pod_uid and not _POD_UID.match(self.pod_uid):
+            raise ConfigError(
+                "--pod-uid",
+                f"{self.pod_uid[:80]!r} is not a pod UID (letters, digits and dashes, at most 63)",
+            )
         if self.metrics_address and not _split_address(self.metrics_address):
             raise ConfigError(
                 "--metrics-address", f"{self.metrics_address!r} is not HOST:PORT or :PORT"
@@ -79,6 +90,8 @@ class Settings:
         for flag, seconds in (
             ("--metrics-interval-seconds", self.metrics_interval_seconds),
             ("--health-quiet-seconds", self.health_quiet_seconds),
+            ("slice_writes_per_second", self.slice_writes_per_second),
+            ("slice_write_burst", self.slice_write_burst),
         ):
             if not seconds > 0:
                 raise ConfigError(flag, f"{seconds} must be a positive number of seconds")

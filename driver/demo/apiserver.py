@@ -224,6 +224,10 @@ class ApiServer:
         with self._lock:
             return [r for r in self.requests[since:] if r.is_write]
 
+    def slice_writes(self) -> int:
+        """How many writes reached the ResourceSlices so far."""
+        return sum(1 for r in self.writes() if "/resourceslices" in r.path)
+
     def fail(
         self,
         match: Callable[[str, str], bool],

@@ -75,14 +75,17 @@ class Plugin:
         return pb2, pb2_grpc.DRAPluginStub(self.channel)
 
     def prepare(
-        self, claims: Iterable[tuple[str, str, str]], service: str | None = None
+        self,
+        claims: Iterable[tuple[str, str, str]],
+        service: str | None = None,
+        timeout: float = CALL_TIMEOUT,
     ) -> dict[str, ClaimResult]:
         """Call NodePrepareResources with (namespace, name, uid) triples, checking the answer like kubelet."""
         pb2, stub = self._stub(service)
         request = pb2.NodePrepareResourcesRequest(
             claims=[pb2.Claim(namespace=ns, name=name, uid=uid) for ns, name, uid in claims]
         )
-        response = stub.NodePrepareResources(request, timeout=CALL_TIMEOUT)
+        response = stub.NodePrepareResources(request, timeout=timeout)
         return self._check(request, response, devices=True)
 
     def unprepare(

@@ -62,7 +62,9 @@ class LivenessServer:
     def __init__(self, port: int, servicer: SelfCheckingHealth) -> None:
         self.servicer = servicer
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="liveness")
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="liveness"),
+            # Without this, gRPC shares a port another process already listens on.
+            options=[("grpc.so_reuseport", 0)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(servicer, self._server)
         # The probe comes from kubelet to the pod IP.

@@ -3,11 +3,15 @@
 Kubelet may call the DRA socket as soon as GetInfo answered, so the DRA server must be serving
 before the registration socket appears. On stop the registration socket goes first, so kubelet
 deregisters this instance (and moves to a surge instance) while in-flight calls finish.
+A socket file already at the path is replaced only if nobody serves it, and stopping removes
+only the file this server bound. gRPC itself unlinks whatever is at its path when it binds and
+when it stops, so it binds a hidden name that is then renamed into place: what gRPC removes on
+stop is a name that no longer exists.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import logging
 import os
 from collections.abc import Callable
@@ -17,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from driver.errors import FatalError
-from driver.kubelet import sockets
+from driver.socket_files import SocketFile, clear_stale
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +39,33 @@ class UnixServer:
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
         )
         register(self._server)
+        self._bound: SocketFile | None = None
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if sockets.clear_stale(self.path):
+        if clear_stale(self.path):
             log.info("Removed stale socket", extra={"path": str(self.path)})
+        # Hidden (kubelet's watcher skips dot files) and never longer than the real name.
+        hidden = self.path.with_name("." + base64.b32encode(os.urandom(5)).decode().lower()[:7])
         try:
-            self._server.add_insecure_port(f"unix://{self.path}")
+            self._server.add_insecure_port(f"unix://{hidden}")
         except RuntimeError as err:
             raise FatalError(f"cannot listen on {self.path}: {err}") from err
-        self._server.start()
         # Only the driver (root) and kubelet (root) may connect.
-        os.chmod(self.path, 0o600)
+        os.chmod(hidden, 0o600)
+        os.rename(hidden, self.path)
+        self._bound = SocketFile.bound_at(self.path)
+        self._server.start()
         log.info("Serving", extra={"server": self.name, "socket": str(self.path)})
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight calls finish within `grace`, and remove our socket."""
         self._server.stop(grace).wait()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._bound is not None and not self._bound.remove() and os.path.lexists(self.path):
+            log.warning(
+                "Our socket was replaced by another process's; left in place",
+                extra={"path": str(self.path)},
+            )
 
 
 class PluginServers:

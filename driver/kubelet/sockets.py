@@ -1,4 +1,4 @@
-"""Socket paths kubelet expects, the 108-byte AF_UNIX limit, and stale-socket clean-up.
+"""Socket paths kubelet expects and the 108-byte AF_UNIX limit.
 
 Registration: `<registrar-dir>/<driver>-reg.sock`; DRA service: `<plugins-dir>/<driver>/dra.sock`.
 With a pod UID (rolling upgrade) each instance gets its own: `<driver>-<uid>-reg.sock`,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from driver.errors import FatalError
@@ -39,20 +38,6 @@ def control_socket(plugin_dir: Path, pod_uid: str | None) -> Path:
 
 def control_sockets(plugin_dir: Path) -> list[Path]:
     return sorted(plugin_dir.glob("control*.sock"))
-
-
-def clear_stale(path: Path) -> bool:
-    """Remove a socket left by a crashed process; refuse to touch anything that is not a socket."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(mode):
-        raise FatalError(
-            f"{path} exists and is not a socket; remove it or choose another directory"
-        )
-    os.unlink(path)
-    return True
 
 
 def _instance_socket(plugin_dir: Path, stem: str, pod_uid: str | None) -> Path:

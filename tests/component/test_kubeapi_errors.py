@@ -15,5 +15,5 @@ def test_an_unknown_node_is_not_called_a_deleted_claim(api: FakeApiServer, tmp_p
         kubeapi.SliceApi(client).node_uid("ghost")
     assert "no Node named 'ghost'" in str(node.value) and "claim" not in str(node.value)
     with pytest.raises(kubeapi.NotFound) as claim:
-        kubeapi.ClaimReader(client)(ClaimRef("default", "gone", "uid"))
+        kubeapi.ClaimReader(client)(ClaimRef("default", "gone", "uid"), timeout=5.0)
     assert "not found (the claim was deleted)" in str(claim.value)

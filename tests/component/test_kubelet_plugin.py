@@ -374,3 +374,36 @@ def test_partition_names_are_refused_without_partitions(running, api: FakeApiSer
     assert (
         "partitions are published only with --partitions" in plugin.prepare([claim])[claim[2]].error
     )
+
+
+def test_a_device_listed_twice_in_one_claim_is_refused(running, node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    _, plugin = running
+    claim = allocated_claim(
+        api, "twice", [result(GPU0, POOL, request="a"), result(GPU0, POOL, request="b")]
+    )
+    answer = plugin.prepare([claim])[claim[2]]
+    assert answer.error == (
+        "claim default/twice lists device gpu-0000-1b-00-0 twice (requests a and b); "
+        "a device is allocated at most once per claim"
+    )
+    assert claim[2] not in checkpoint_of(node)
+    assert cdi.claim_specs(node.cdi_root, "unidra.dev") == {}
+
+
+def test_huge_names_and_uids_are_cut_in_errors_and_logs(  # type: ignore[no-untyped-def]
+    running, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, plugin = running
+    huge = [
+        ("n" * 100_000, "c" * 100_000, "5e2d9a70-aaaa-4bbb-8ccc-dddddddddddd"),
+        ("default", "c" * 100_000, "u" * 100_000),
+    ]
+    with caplog.at_level(logging.INFO):
+        answers = plugin.prepare(huge)
+    assert all(answer.error and len(answer.error) < 1500 for answer in answers.values()), answers
+    assert "c" * 253 + "...(+99747 characters)" in answers[huge[0][2]].error
+    assert answers[huge[1][2]].error.endswith(
+        "has an invalid UID '" + "u" * 36 + "...(+99964 characters)'"
+    )
+    lines = [record.getMessage() + repr(record.__dict__) for record in caplog.records]
+    assert lines and max(len(line) for line in lines) < 5000

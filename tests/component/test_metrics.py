@@ -124,6 +124,9 @@ def test_driver_metrics_are_initialised_before_anything_happens(mixed) -> None: 
         'unidra_operation_errors_total{operation="unprepare",reason="RetryableError"} 0.0' in text
     )
     assert 'unidra_slice_writes_total{verb="delete"}' in text
+    assert "unidra_slice_writes_postponed_total 0.0" in text
+    assert 'unidra_operation_errors_total{operation="prepare",reason="StorageError"} 0.0' in text
+    wait_until(lambda: "unidra_publishing 1.0" in scrape(instance), what="the publisher gauge")
 
 
 class StuckSampler:

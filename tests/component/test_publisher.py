@@ -23,7 +23,7 @@ from driver import inspect, kubeapi, slices
 from driver.backends import BackendContext
 from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.inventory import LiveInventory
-from driver.publisher import Publisher
+from driver.publisher import Publisher, TokenBucket
 from driver.supervisor import Supervisor
 from support.profiles import write_profile
 from support.waiting import wait_until
@@ -33,7 +33,13 @@ NODE = "node-a"
 
 
 class Harness:
-    def __init__(self, api: FakeApiServer, profile: str, partitions: bool = False) -> None:
+    def __init__(
+        self,
+        api: FakeApiServer,
+        profile: str,
+        partitions: bool = False,
+        limit: TokenBucket | None = None,
+    ) -> None:
         self.api = api
         self.backend = SimulatedBackend(
             BackendContext(node_name=NODE, options={"profile": profile})
@@ -47,6 +53,7 @@ class Harness:
             driver="unidra.dev",
             node=NODE,
             desired=lambda: slices.build(self.live.current()),
+            limit=limit or TokenBucket(),
         )
         self.supervisor = Supervisor()
 
@@ -110,8 +117,13 @@ def harness(api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("UNIDRA_TEST_TMP", str(tmp_path))
     started: list[Harness] = []
 
-    def make(profile: str = "dgx-h100", partitions: bool = False, wait: bool = True) -> Harness:
-        h = Harness(api, profile, partitions).start(wait)
+    def make(
+        profile: str = "dgx-h100",
+        partitions: bool = False,
+        wait: bool = True,
+        limit: TokenBucket | None = None,
+    ) -> Harness:
+        h = Harness(api, profile, partitions, limit).start(wait)
         started.append(h)
         return h
 
@@ -274,3 +286,23 @@ def test_pools_of_any_size_are_published_completely(
     assert sizes == layout
     names = {d["name"] for s in h.published() for d in s["spec"]["devices"]}
     assert len(names) == count
+
+
+def test_a_writer_that_keeps_undoing_the_slices_is_answered_at_a_trickle(  # type: ignore[no-untyped-def]
+    harness, api: FakeApiServer
+) -> None:
+    h = harness(limit=TokenBucket(burst=3, per_second=2.0))
+    fighting = 2.0
+    edits = 0
+    until = time.monotonic() + fighting
+    while time.monotonic() < until:  # another writer with its own idea of the pool
+        edited = copy.deepcopy(h.published()[0])
+        edited["spec"]["devices"][0]["attributes"]["fighter"] = {"int": edits}
+        api.update("resource.k8s.io", "resourceslices", edited)
+        edits += 1
+        time.sleep(0.02)
+    assert edits > 40
+    # The burst, then one write per token: not one write per edit.
+    assert h.publisher.stats.writes <= 1 + 3 + int(fighting * 2.0) + 1
+    assert h.publisher.stats.postponed > 0
+    wait_until(h.in_sync, what="the pool restored once the other writer stopped")

@@ -3,8 +3,8 @@
 Each has its own sockets named after its pod UID, both share the checkpoint, the CDI directory
 and the cross-process locks, so a claim prepared by one is unprepared by the other, a device is
 never given to two claims across instances, and the surviving instance serves everything after
-the old one stops. Also: the two publishers agree instead of fighting over the slices, and
-`unidra simulate` reaches both.
+the old one stops. Also: only one instance publishes, so the two never fight over the slices
+even when they disagree about a device, and `unidra simulate` reaches each one by name.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from driver.checkpoint import CheckpointStore
 from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.kubelet import client as kubelet
 from driver.locks import FileLocks
+from driver.model import HealthEvent
 from support import commands
 from support.claims import allocated_claim, result
 from support.waiting import wait_until
@@ -31,6 +32,7 @@ GPUS = [f"gpu-0000-{bus}-00-0" for bus in ("1b", "43", "52", "61", "9d", "c3")]
 @pytest.fixture
 def both(node) -> Iterator[tuple[daemon.Daemon, daemon.Daemon, kubelet.Plugin, kubelet.Plugin]]:  # type: ignore[no-untyped-def]
     old = daemon.start(node.settings(pod_uid=OLD))
+    wait_until(lambda: old.leadership.leading, what="the old instance to publish")
     new = daemon.start(node.settings(pod_uid=NEW))
     found = kubelet.find_registration_sockets(node.registrar_dir)
     plugins = {path.name: kubelet.register(path, "unidra.dev") for path in found}
@@ -129,18 +131,11 @@ def test_the_new_instance_serves_everything_after_the_old_one_stops(  # type: ig
 
 
 def test_the_two_publishers_agree_instead_of_fighting(both, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
-    def slice_writes() -> int:
-        return sum(
-            1
-            for r in api.requests
-            if "/resourceslices" in r.path and r.method in ("POST", "PUT", "DELETE")
-        )
-
     wait_until(lambda: api.list("resource.k8s.io", "resourceslices"), what="a published pool")
     time.sleep(0.5)
-    before = slice_writes()
+    before = api.slice_writes()
     time.sleep(1.0)
-    assert slice_writes() == before
+    assert api.slice_writes() == before
     assert len(api.list("resource.k8s.io", "resourceslices")) == 1
 
 
@@ -154,3 +149,42 @@ def test_simulate_reaches_each_instance_by_name(both, node, api: FakeApiServer) 
             node.plugins_dir, "inject", f"--device={GPUS[1]}", "--fault=lost", f"--pod-uid={uid}"
         )
         wait_until(lambda i=instance: GPUS[1] in i.board.taints(), what="the named board to see it")
+
+
+def test_only_the_publisher_writes_when_the_instances_disagree(  # type: ignore[no-untyped-def]
+    both, api: FakeApiServer
+) -> None:
+    old_daemon, new_daemon, _, _ = both
+    wait_until(lambda: old_daemon.publisher.stats.syncs, what="a published pool")
+    assert old_daemon.leadership.leading and not new_daemon.leadership.leading
+    writes = api.slice_writes()
+    # Each hears of a different fault, as when a transient Xid reached only one of them.
+    new_daemon.board.report(HealthEvent(GPUS[0], "xid", "79", "seen by the new instance only"))
+    old_daemon.board.report(HealthEvent(GPUS[1], "lost", "", "seen by the old instance only"))
+    wait_until(lambda: api.slice_writes() > writes, what="the publisher's taint")
+    time.sleep(1.0)
+    assert api.slice_writes() == writes + 1  # the publisher's one in-place update, no war
+    device_taints = {
+        d["name"]
+        for item in api.list("resource.k8s.io", "resourceslices")
+        for d in item["spec"]["devices"]
+        if d.get("taints")
+    }
+    assert device_taints == {GPUS[1]}
+
+
+def test_the_new_instance_takes_over_publishing_with_the_old_ones_health(  # type: ignore[no-untyped-def]
+    both, api: FakeApiServer
+) -> None:
+    old_daemon, new_daemon, _, _ = both
+    wait_until(lambda: old_daemon.publisher.stats.syncs, what="a published pool")
+    published = api.slice_writes()
+    old_daemon.board.report(HealthEvent(GPUS[2], "lost", "", "fell off the bus"))
+    wait_until(lambda: api.slice_writes() > published, what="the old publisher's taint")
+    assert GPUS[2] not in new_daemon.board.taints()
+    writes = api.slice_writes()
+    old_daemon.stop()
+    wait_until(lambda: new_daemon.leadership.leading, what="the new instance to take over")
+    assert GPUS[2] in new_daemon.board.taints()
+    wait_until(lambda: new_daemon.publisher.stats.syncs, what="a sync by the new publisher")
+    assert api.slice_writes() == writes  # the same view: nothing to rewrite

@@ -63,6 +63,40 @@ def test_a_hanging_api_server_times_out_per_claim(running, api: FakeApiServer) -
     TALLY["faults: claim GET hanging past the client timeout"] += 1
 
 
+def test_a_frozen_api_server_costs_a_call_one_budget_not_a_timeout_per_claim(  # type: ignore[no-untyped-def]
+    running, api: FakeApiServer
+) -> None:
+    """Kubelet gives up on a whole call after 45 s; claims waiting for a frozen API server must
+    not add up to that. CI calls with a 4 s deadline; the full run with kubelet's 45 s and a
+    claim GET hanging past the client's 15 s read timeout."""
+    _, plugin = running
+    gpus = [f"gpu-0000-{bus}-00-0" for bus in ("1b", "43", "52", "61", "9d", "c3", "d1", "df")]
+    ready = allocated_claim(api, "ready", [result(gpus[0], "node-a")])
+    assert plugin.prepare([ready])[ready[2]].error == ""
+    frozen = [
+        allocated_claim(api, f"frozen-{i}", [result(gpu, "node-a")])
+        for i, gpu in enumerate(gpus[1:])
+    ]
+    full = budget("hang_seconds") > 0
+    client_timeout, hang = (45.0, budget("hang_seconds")) if full else (4.0, 6.0)
+    api.fail(claim_gets, status=None, delay=hang, times=None)
+    started = time.monotonic()
+    answers = plugin.prepare([ready, *frozen], timeout=client_timeout)
+    took = time.monotonic() - started
+    assert answers[ready[2]].error == ""  # answered from the checkpoint meanwhile
+    for claim in frozen:
+        error = answers[claim[2]].error
+        assert error.startswith(
+            (f"reading claim default/{claim[1]}", f"prepare of claim default/{claim[1]}")
+        ), error
+        assert "budget" in error or "timed out" in error.lower(), error
+    assert took < (30.0 if full else client_timeout), took
+    api.clear_faults()
+    retried = plugin.prepare(frozen)
+    assert all(answer.error == "" for answer in retried.values())
+    TALLY[f"faults: {len(frozen)} claims of one call under a frozen API server, {took:.1f} s"] += 1
+
+
 def test_slice_write_conflicts_are_retried(running, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
     instance, _ = running
     wait_until(lambda: GPU2 in devices(api), what="the pool")

@@ -19,12 +19,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Process:
-    def __init__(self, node, crashpoint: str = "", argv: Sequence[str] = ()) -> None:  # type: ignore[no-untyped-def]
-        """Start `unidra` with `argv`, by default the node's `kubelet-plugin` arguments."""
+    """`unidra` on the node: `argv` replaces the node's `kubelet-plugin` arguments, `args` are added to
+    (and override) them."""
+
+    def __init__(  # type: ignore[no-untyped-def]
+        self,
+        node,
+        crashpoint: str = "",
+        args: Sequence[str] = (),
+        log: str = "daemon.log",
+        argv: Sequence[str] = (),
+    ) -> None:
         env = {**os.environ, "UNIDRA_CRASHPOINT": crashpoint, "PYTHONUNBUFFERED": "1"}
-        self.log = open(node.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = node.root / log
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", *(argv or node.argv())],
+            [sys.executable, "-m", "driver", *(argv or node.argv()), *args],
             cwd=REPO,
             env=env,
             stdout=self.log,
@@ -42,6 +52,10 @@ class Process:
                 raise TimeoutError(self.output(node))
             time.sleep(0.01)
         return kubelet.wait_for_registration(node.registrar_dir)
+
+    def text(self) -> str:
+        """What this process logged."""
+        return self.log_path.read_text(errors="replace")
 
     @staticmethod
     def output(node) -> str:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from collections import Counter
 LEVEL = os.environ.get("UNIDRA_RELIABILITY", "ci")
 _BUDGETS = {
     # kill -9 rounds, each a fresh process under a stream of calls
-    "crash_rounds": {"ci": 4, "full": 200},
+    "crash_rounds": {"ci": 4, "full": 1000},
     # seconds the API server is gone
     "outage_seconds": {"ci": 3, "full": 60},
     # a claim GET that hangs past the client's read timeout (15 s); 0 skips it

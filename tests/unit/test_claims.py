@@ -77,3 +77,38 @@ def test_results_for_filters_driver_and_pool() -> None:
         ClaimError, match=r"no devices of driver d in pool z \(it has d/p, d/q, e/p\)"
     ):
         claims.results_for(parsed, "d", "z")
+
+
+def ours(*results: dict[str, object]) -> claims.AllocatedClaim:
+    return claims.parse(claim(allocation(list(results))), REF)
+
+
+def gpu(device: str, request: str = "gpu", **extra: object) -> dict[str, object]:
+    return {"request": request, "driver": "d", "pool": "p", "device": device, **extra}
+
+
+def test_a_device_listed_twice_in_one_claim_is_refused() -> None:
+    twice = ours(gpu("gpu-0", "a"), gpu("gpu-1", "b"), gpu("gpu-0", "c"))
+    with pytest.raises(ClaimError, match="lists device gpu-0 twice \\(requests a and c\\)"):
+        claims.results_for(twice, "d", "p")
+
+
+def test_shares_of_one_device_are_distinct_but_one_share_twice_is_not() -> None:
+    shares = ours(gpu("gpu-0", shareID="s-1"), gpu("gpu-0", shareID="s-2"))
+    assert len(claims.results_for(shares, "d", "p")) == 2
+    same = ours(gpu("gpu-0", shareID="s-1"), gpu("gpu-0", "other", shareID="s-1"))
+    with pytest.raises(ClaimError, match="lists device gpu-0 with shareID s-1 twice"):
+        claims.results_for(same, "d", "p")
+
+
+def test_names_and_uids_are_cut_to_the_api_maximums_in_messages() -> None:
+    ref = ClaimRef("n" * 100_000, "c" * 100_000, "u" * 100_000)
+    namespace, name = str(ref).split("/")
+    assert namespace == "n" * 63 + "...(+99937 characters)"
+    assert name == "c" * 253 + "...(+99747 characters)"
+    assert ref.shown_uid == "u" * 36 + "...(+99964 characters)"
+    short = ClaimRef("default", "c", "0b9e7c1a-1111-4e4e-9a9a-000000000001")
+    assert str(short) == "default/c" and short.shown_uid == short.uid
+    with pytest.raises(ClaimError) as refused:
+        claims.parse(claim(allocation([RESULT]), uid="x" * 5000), ref)
+    assert len(str(refused.value)) < 600

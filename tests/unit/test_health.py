@@ -161,3 +161,41 @@ def test_policy_overrides() -> None:
         match=r"xid=Evict: the effect must be one of NoSchedule, NoExecute, None or off",
     ):
         parse_policy({"xid": "Evict"})
+
+
+def test_snapshot_and_restore_carry_conditions_and_hold_times_over() -> None:
+    clock = Clock()
+    old = board(clock)
+    old.report(HealthEvent("gpu-a", "xid", "79", "fell off"))
+    old.report(HealthEvent("gpu-b", "lost", "", "gone"))
+    deadline = old.next_deadline()
+    clock.now += 100
+    new = board(clock, quiet_seconds=300.0)
+    heard: list[int] = []
+    new.subscribe(lambda: heard.append(1))
+    assert new.restore(old.snapshot()) == 2
+    assert heard == [1]
+    assert new.taints() == old.taints()
+    assert new.next_deadline() == deadline  # the quiet period runs on, it does not restart
+    assert new.restore(old.snapshot()) == 0  # already there: nothing adopted, nobody told
+    assert heard == [1]
+    clock.now = deadline
+    new.tick()
+    assert set(new.unhealthy()) == {"gpu-b"}
+
+
+def test_restore_applies_the_new_policy_and_drops_holds_that_ended_meanwhile() -> None:
+    clock = Clock()
+    old = board(clock)
+    old.report(HealthEvent("gpu-a", "lost", ""))
+    old.report(HealthEvent("gpu-b", "xid", "13"))
+    clock.now += 10_000  # the xid's quiet period ended while no instance ran
+    new = HealthBoard(
+        taint_key="unidra.dev/unhealthy",
+        policy=parse_policy({"lost": "NoSchedule"}),
+        clock=clock,
+    )
+    assert new.restore(old.snapshot()) == 1
+    assert new.taints() == {
+        "gpu-a": [{"key": "unidra.dev/unhealthy", "value": "lost", "effect": "NoSchedule"}]
+    }

@@ -1,8 +1,9 @@
-"""The publish planner: fewest writes, in-place updates, generation bumps, obsolete slices."""
+"""The publish planner: fewest writes, in-place updates, generation bumps, obsolete slices; and
+the pool's write limit."""
 
 from __future__ import annotations
 
-from driver.publisher import comparable, plan
+from driver.publisher import TokenBucket, comparable, plan
 from driver.slices import SliceContent
 
 
@@ -78,3 +79,16 @@ def test_obsolete_generations_are_deleted() -> None:
 
 def test_generations_are_never_reused_after_a_wipe() -> None:
     assert plan([], [content("a")], same, highest_written=7).generation == 8
+
+
+def test_the_write_limit_allows_a_burst_then_a_steady_trickle() -> None:
+    now = [100.0]
+    bucket = TokenBucket(burst=3, per_second=0.5, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait() == 2.0
+    now[0] += 1.0
+    assert not bucket.take() and bucket.wait() == 1.0
+    now[0] += 1.0
+    assert bucket.take() and not bucket.take()
+    now[0] += 3600  # a quiet hour refills the burst, no more
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]

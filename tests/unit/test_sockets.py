@@ -45,10 +45,3 @@ def test_long_paths_fall_back_to_a_digest_of_the_pod_uid() -> None:
 def test_paths_that_cannot_fit_are_a_clear_error() -> None:
     with pytest.raises(FatalError, match="Unix sockets allow 107"):
         sockets.dra_socket(Path("/" + "d" * 120), None)
-
-
-def test_clear_stale_only_removes_sockets(tmp_path: Path) -> None:
-    assert sockets.clear_stale(tmp_path / "absent.sock") is False
-    (tmp_path / "file.sock").write_text("x")
-    with pytest.raises(FatalError, match="is not a socket"):
-        sockets.clear_stale(tmp_path / "file.sock")
