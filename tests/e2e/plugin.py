@@ -75,11 +75,12 @@ class PluginProcess:
         pod_uid: str | None = None,
         name: str = "plugin",
         env: Mapping[str, str] | None = None,
+        cdi_root: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.root = cluster.workdir / name
         self.root.mkdir(exist_ok=True)
-        self.cdi_root = cluster.workdir / "cdi"
+        self.cdi_root = cdi_root or cluster.workdir / "cdi"
         self.log_path = self.root / "plugin.log"
         self.metrics_port = free_port()
         self.pod_uid = pod_uid
