@@ -30,7 +30,7 @@ from driver.checkpoint import (
 )
 from driver.claims import MAX_LABEL, AllocatedClaim, AllocationResult, ClaimRef, shown
 from driver.deadlines import Deadline
-from driver.errors import ClaimError, ConfigError, UnidraError
+from driver.errors import ClaimError, ConfigError, StorageError, UnidraError
 from driver.inventory import Inventory
 from driver.locks import FileLocks
 from driver.model import ContainerEdits, Device, Partition
@@ -339,7 +339,16 @@ class Preparer:
             return False
         if cdi.read_spec(path) == plan.spec:
             return False
-        cdi.write_spec(path, plan.spec)
+        try:
+            cdi.write_spec(path, plan.spec)
+        except StorageError as err:
+            # A full or read-only CDI root must not keep the driver from starting: kubelet's
+            # unprepare is what frees space. The spec is written again at the next start.
+            log.warning(
+                "Cannot restore CDI spec of prepared claim",
+                extra={"uid": entry.uid, "reason": str(err)},
+            )
+            return False
         return True
 
     def _set_aside_corrupt(self, reason: str) -> str:

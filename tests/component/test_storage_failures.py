@@ -147,6 +147,24 @@ def test_a_refusing_cdi_root_fails_the_claim_by_name(  # type: ignore[no-untyped
     assert not spec_exists(node, claim[2])
 
 
+@EVERY_CAUSE
+def test_a_refusing_cdi_root_at_start_does_not_stop_the_driver(  # type: ignore[no-untyped-def]
+    node, api: FakeApiServer, monkeypatch, caplog, code: int
+) -> None:
+    """Recovery cannot restore a prepared claim's spec: the driver starts, says so, and serves,
+    since kubelet's unprepare is what frees the disk."""
+    with node.serve() as (_, plugin):
+        claim = allocated_claim(api, "restored-later", [result(GPU, "node-a")])
+        assert plugin.prepare([claim])[claim[2]].error == ""
+    cdi.spec_path(node.cdi_root, "unidra.dev", claim[2]).unlink()  # e.g. /var/run wiped
+    with refusing(monkeypatch, node.cdi_root, code), node.serve() as (_, plugin):
+        logged_once(caplog, "Cannot restore CDI spec of prepared claim")
+        assert claim[2] in checkpoint_claims(node)  # nothing lost: it is still prepared
+    with node.serve() as (_, plugin):  # the disk is healthy again: the spec is back
+        assert spec_exists(node, claim[2])
+        assert plugin.unprepare([claim])[claim[2]].error == ""
+
+
 @pytest.fixture
 def small_tmpfs(node) -> Iterator[None]:  # type: ignore[no-untyped-def]
     """The plugins directory and the CDI root on 1 MiB tmpfs mounts (skipped without the right to mount)."""

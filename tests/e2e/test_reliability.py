@@ -25,7 +25,9 @@ from e2e.plugin import (
     wait_published,
 )
 
+from driver.checkpoint import CheckpointStore
 from driver.localcluster import LocalCluster
+from driver.locks import FileLocks
 from support.waiting import wait_until
 
 NS = "e2e-reliability"
@@ -40,11 +42,26 @@ def namespace(cluster: LocalCluster, installed: str) -> str:
 
 
 @pytest.fixture
-def clean(cluster: LocalCluster, namespace: str) -> Iterator[None]:
-    """No pods before or after: each test starts with every GPU free and nothing prepared."""
+def clean(cluster: LocalCluster, namespace: str) -> None:
+    """Each test starts with every GPU free and nothing prepared, and ends its pods with
+    `_finish` while its plugin still runs (kubelet unprepares through it)."""
+    if _recorded(cluster):  # an earlier module stopped its plugin before kubelet unprepared
+        with PluginProcess(cluster, name="drain"):
+            wait_until(lambda: not _recorded(cluster), timeout=60, what="leftover claims to go")
+
+
+def _finish(cluster: LocalCluster) -> None:
     delete_pods(cluster, NS)
-    yield
-    delete_pods(cluster, NS)
+    wait_until(lambda: not _recorded(cluster), timeout=60, what="kubelet to unprepare every claim")
+
+
+def _recorded(cluster: LocalCluster) -> dict[str, object]:
+    """The claims the node's checkpoint holds (kubelet unprepares a little after pods are gone)."""
+    checkpoint = cluster.plugins_dir / "unidra.dev" / "checkpoint.json"
+    if not checkpoint.exists():
+        return {}
+    locks = FileLocks(checkpoint.with_name("serialize.lock"))
+    return dict(CheckpointStore(checkpoint, locks).read().claims)
 
 
 def _inode(path: Path) -> int:
@@ -92,6 +109,7 @@ def test_a_second_instance_without_a_pod_uid_refuses_and_steals_nothing(
         assert [_inode(s) for s in sockets] == before  # the live instance's sockets are untouched
         _start_pods(cluster, ["after-refusal"])
         wait_pod_ready(cluster, NS, "after-refusal")  # and it still serves kubelet
+        _finish(cluster)
 
 
 def test_two_instances_with_pod_uids_have_one_publisher_and_no_write_war(
@@ -136,6 +154,7 @@ def test_two_instances_with_pod_uids_have_one_publisher_and_no_write_war(
         assert len(versions) <= 2, versions  # no rewrite storm, at most one settled change
         _start_pods(cluster, ["served-by-either"])
         wait_pod_ready(cluster, NS, "served-by-either")
+        _finish(cluster)
 
 
 def test_kill_9_during_an_eight_pod_burst_loses_nothing(
@@ -158,8 +177,7 @@ def test_kill_9_during_an_eight_pod_burst_loses_nothing(
         assert len(process.checkpoint()) == 8
         _assert_state_agrees(process)
     finally:
-        delete_pods(cluster, NS)
-        wait_until(lambda: not process.checkpoint(), timeout=60, what="every claim unprepared")
+        _finish(cluster)
         process.stop()
 
 
@@ -186,6 +204,7 @@ def test_a_frozen_api_server_during_pod_start_only_delays_it(
             apiserver.send_signal(signal.SIGCONT)
         wait_pod_ready(cluster, NS, "through-the-freeze", timeout=120)
         _assert_state_agrees(process)
+        _finish(cluster)
 
 
 @pytest.fixture
@@ -241,6 +260,5 @@ def test_a_full_cdi_disk_is_a_clear_per_claim_error_and_heals(
         wait_pod_ready(cluster, NS, "on-a-full-disk", timeout=120)  # kubelet retried, and it worked
         _assert_state_agrees(process)
     finally:
-        delete_pods(cluster, NS)
-        wait_until(lambda: not process.checkpoint(), timeout=60, what="unprepare")
+        _finish(cluster)
         process.stop()
