@@ -366,6 +366,19 @@ def test_an_admins_device_taint_rule_takes_its_device_out_of_the_free_group(
     _expect(fleet, "the rule deleted", _counts(4), _counts(4))
 
 
+def test_a_cordoned_node_has_no_free_devices(cluster: LocalCluster, fleet: FleetWatch) -> None:
+    cluster.kubectl("cordon", cluster.node_name)
+    try:
+        report = _expect(fleet, "node-a cordoned", _counts(0), _counts(0))
+        (node,) = report["nodes"]
+        assert node["unschedulable"] == "cordoned"
+        assert {g["unavailable"] for g in node["groups"]} == {4}
+    finally:
+        cluster.kubectl("uncordon", cluster.node_name)
+    report = _expect(fleet, "node-a uncordoned", _counts(4), _counts(4))
+    assert "unschedulable" not in report["nodes"][0]
+
+
 def _permissions(cluster: LocalCluster, kubeconfig: Path) -> set[str]:
     """`kubectl auth can-i --list` as the kubeconfig's user, one row per line."""
     listed = cluster.kubectl("auth", "can-i", "--list", kubeconfig=kubeconfig).stdout
@@ -380,6 +393,7 @@ def test_the_shipped_fleet_role_is_enough_and_only_reads(
     granted = _permissions(cluster, fleet_kubeconfig) - baseline
     assert granted == {
         "pods [] [] [list watch]",
+        "nodes [] [] [list watch]",
         "devicetaintrules.resource.k8s.io [] [] [list watch]",
         "resourceclaims.resource.k8s.io [] [] [list watch]",
         "resourceslices.resource.k8s.io [] [] [list watch]",
