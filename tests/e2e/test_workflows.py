@@ -251,6 +251,18 @@ def quota(cluster: LocalCluster, node: Node) -> Iterator[dict[str, Any]]:
         cluster.kubectl("delete", "resourceclaims,resourcequotas", "--all", "-n", namespace)
 
 
+def _over_quota(cluster: LocalCluster, namespace: str, pod_name: str, reason: str) -> str:
+    """The first message of the pod's events with `reason` that says a quota was exceeded."""
+    (event, *_) = wait_until(
+        lambda: [
+            m for m in pod_events(cluster, namespace, pod_name, reason) if "exceeded quota" in m
+        ],
+        timeout=30,
+        what=f"a {reason} event of {pod_name} about the quota",
+    )
+    return str(event)
+
+
 def _wait_counted(
     cluster: LocalCluster, namespace: str, name: str, resource: str, used: str, hard: str = "100"
 ) -> None:
@@ -291,11 +303,7 @@ def test_a_claim_over_its_device_class_quota_is_refused_with_the_documented_mess
         ),
         pod("job-4", namespace, templates={"gpus": "four-gpus"}),
     )
-    (event, *_) = wait_until(
-        lambda: pod_events(cluster, namespace, "job-4", "FailedResourceClaimCreation"),
-        timeout=30,
-        what="the claim controller's event",
-    )
+    event = _over_quota(cluster, namespace, "job-4", "FailedResourceClaimCreation")
     assert _documented(event), event
 
 
@@ -320,11 +328,7 @@ def test_an_unmodified_pod_over_its_extended_resource_quota_is_refused_with_the_
     assert (
         _create(cluster, pod("two-gpus", namespace, limits={"unidra.dev/gpu": "2"})).returncode == 0
     )
-    (event, *_) = wait_until(
-        lambda: pod_events(cluster, namespace, "two-gpus", "FailedScheduling"),
-        timeout=30,
-        what="the scheduler's event",
-    )
+    event = _over_quota(cluster, namespace, "two-gpus", "FailedScheduling")
     assert _documented(event), event
     assert not _scheduled(cluster, namespace, "two-gpus")
 
