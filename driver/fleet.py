@@ -1,4 +1,5 @@
-"""FLEET: the cluster's accelerators from ResourceSlices, ResourceClaims, DeviceTaintRules and Pods; pure.
+"""FLEET: the cluster's accelerators from ResourceSlices, ResourceClaims, DeviceTaintRules, Pods and
+Nodes; pure.
 
 `Fleet` keeps compact records of those objects, applies watch events and relists, and recomputes
 only the pools a change touches; `report()` assembles the cluster view. docs/fleet.md defines
@@ -16,8 +17,8 @@ from typing import Any, Literal
 
 from driver import quantities
 
-Kind = Literal["ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod"]
-KINDS: tuple[Kind, ...] = ("ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod")
+Kind = Literal["ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod", "Node"]
+KINDS: tuple[Kind, ...] = ("ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod", "Node")
 # Exclusive states of a whole device (`_state` decides them in use first, then why not free).
 STATES = ("free", "allocated", "partitioned", "tainted", "unavailable")
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
@@ -134,6 +135,14 @@ class PodRecord:
     phase: str
     node: str
     claims: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node the scheduler places no new pods on, and why: cordoned, not ready or unreachable."""
+
+    name: str
+    reason: str
 
 
 # -- the computed view ----------------------------------------------------------------------------
@@ -284,6 +293,8 @@ class Report:
     orphans: tuple[Orphan, ...]
     ignored: tuple[tuple[str, int], ...]
     incomplete_pools: tuple[PoolKey, ...]
+    # Nodes with devices that take no new pods, and why (cordoned, not ready, unreachable).
+    unschedulable_nodes: tuple[tuple[str, str], ...] = ()
     sync: Mapping[Kind, Sync] = field(default_factory=dict)
 
 
@@ -294,6 +305,7 @@ class _PoolView:
     complete: bool
     # Every device at the current generation: (node, model, partition); model "" without vocabulary.
     published: Mapping[str, tuple[str, str, bool]]
+    nodes: frozenset[str]  # the nodes of its devices (a node change dirties these pools)
 
 
 # -- parsing: tolerant, a malformed field degrades to a default and never hides other objects -----
@@ -472,16 +484,42 @@ def parse_pod(obj: Mapping[str, Any]) -> PodRecord | None:
     )
 
 
-Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord
+def parse_node(obj: Mapping[str, Any]) -> NodeRecord | None:
+    """Why no new pod lands on the node; None for a node that takes pods (most nodes: not kept).
+
+    The scheduler skips cordoned nodes, and nodes whose Ready condition is False or Unknown
+    (their `node.kubernetes.io/not-ready` and `unreachable` NoSchedule taints). Other node
+    taints are left out: GPU nodes are often tainted so that only pods tolerating it land there.
+    """
+    ready = next(
+        (
+            _text(c.get("status"))
+            for c in map(_map, _list(_map(obj.get("status")).get("conditions")))
+            if c.get("type") == "Ready"
+        ),
+        "",
+    )
+    if _map(obj.get("spec")).get("unschedulable") is True:
+        reason = "cordoned"
+    elif ready in ("False", "Unknown"):
+        reason = "not ready" if ready == "False" else "unreachable"
+    else:
+        return None
+    return NodeRecord(_text(_meta(obj).get("name")), reason)
+
+
+Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord | NodeRecord
 
 
 def parse(kind: Kind, obj: Mapping[str, Any]) -> Record | None:
-    """The record of one object; None for a pod without claims (most pods are not kept)."""
+    """The record of one object; None for a pod without claims or a node that takes pods (most
+    pods and nodes are not kept)."""
     parsers: dict[str, Callable[[Mapping[str, Any]], Record | None]] = {
         "ResourceSlice": parse_slice,
         "ResourceClaim": parse_claim,
         "DeviceTaintRule": parse_rule,
         "Pod": parse_pod,
+        "Node": parse_node,
     }
     return parsers[kind](obj)
 
@@ -502,9 +540,11 @@ class Fleet:
     claims: dict[ObjectKey, ClaimRecord] = field(default_factory=dict)
     rules: dict[ObjectKey, RuleRecord] = field(default_factory=dict)
     pods: dict[ObjectKey, PodRecord] = field(default_factory=dict)
+    nodes: dict[ObjectKey, NodeRecord] = field(default_factory=dict)  # only nodes taking no pods
 
     def __post_init__(self) -> None:
         self._pool_slices: dict[PoolKey, set[ObjectKey]] = defaultdict(set)
+        self._node_pools: dict[str, set[PoolKey]] = defaultdict(set)  # from the computed views
         self._holders: dict[DeviceKey, set[ObjectKey]] = defaultdict(set)
         self._pool_rules: dict[str, set[ObjectKey]] = defaultdict(set)  # "" selects every pool
         self._views: dict[PoolKey, _PoolView] = {}
@@ -534,6 +574,7 @@ class Fleet:
             "ResourceClaim": self.claims,
             "DeviceTaintRule": self.rules,
             "Pod": self.pods,
+            "Node": self.nodes,
         }
         return tables[kind]
 
@@ -548,6 +589,9 @@ class Fleet:
         elif kind == "DeviceTaintRule":
             assert record is None or isinstance(record, RuleRecord)
             self._set_rule(key, record)
+        elif kind == "Node":
+            assert record is None or isinstance(record, NodeRecord)
+            self._set_node(key, record)
         elif isinstance(record, PodRecord):
             self.pods[key] = record
         else:
@@ -606,17 +650,31 @@ class Fleet:
             self.rules[key] = record
             self._pool_rules[record.pool].add(key)
 
+    def _set_node(self, key: ObjectKey, record: NodeRecord | None) -> None:
+        if self.nodes.get(key) == record:
+            return  # a status update that changes nothing the view shows: most node events
+        self._dirty.update(self._node_pools.get(key[1], ()))
+        if record is None:
+            self.nodes.pop(key, None)
+        else:
+            self.nodes[key] = record
+
     # -- views ------------------------------------------------------------------------------
 
     def refresh(self) -> int:
         """Recompute the pools changed since the last call; returns how many."""
         dirty, self._dirty = self._dirty, set()
         for pool in dirty:
+            old = self._views.pop(pool, None)
+            for node in old.nodes if old else ():
+                self._node_pools[node].discard(pool)
+                if not self._node_pools[node]:
+                    del self._node_pools[node]
             view = self._compute(pool)
-            if view is None:
-                self._views.pop(pool, None)
-            else:
+            if view is not None:
                 self._views[pool] = view
+                for node in view.nodes:
+                    self._node_pools[node].add(pool)
         return len(dirty)
 
     def groups(self) -> Iterator[Group]:
@@ -655,6 +713,12 @@ class Fleet:
             if not (rule := self.rules[key]).driver or rule.driver == driver
         ]
 
+        closed = {d.node for d in devices if ("", d.node) in self.nodes}
+
+        def offered(device: SliceDevice) -> bool:
+            """The scheduler allocates it: its pool is complete and its node takes new pods."""
+            return complete and device.node not in closed
+
         def taints_of(device: SliceDevice) -> tuple[Taint, ...]:
             return device.taints + tuple(
                 r.taint for r in rules if r.matches((driver, pool[1], device.name))
@@ -676,7 +740,7 @@ class Fleet:
                     False,
                     taints_of(device),
                     driver,
-                    complete,
+                    offered(device),
                     capacity,
                     used,
                 )
@@ -696,7 +760,14 @@ class Fleet:
             taints = taints_of(device)
             parts = [h for h in partition_holders.get(device.name, ()) if not h.admin]
             state = _state(
-                device, holders[device.name], bool(parts), taints, driver, complete, capacity, used
+                device,
+                holders[device.name],
+                bool(parts),
+                taints,
+                driver,
+                offered(device),
+                capacity,
+                used,
             )
             view = DeviceView(
                 device.name,
@@ -733,7 +804,13 @@ class Fleet:
                 )
             )
         published = {d.name: (d.node, d.model, d.partition) for d in devices}
-        return _PoolView(tuple(groups), foreign, complete, published)
+        return _PoolView(
+            tuple(groups),
+            foreign,
+            complete,
+            published,
+            frozenset(d.node for d in devices if d.node),
+        )
 
     def _holders_of(self, device: DeviceKey) -> tuple[Holder, ...]:
         found = []
@@ -760,6 +837,11 @@ class Fleet:
             orphans=self._orphans(vocabulary_drivers),
             ignored=self._ignored(),
             incomplete_pools=tuple(sorted(p for p, v in self._views.items() if not v.complete)),
+            unschedulable_nodes=tuple(
+                sorted(
+                    (r.name, r.reason) for r in self.nodes.values() if r.name in self._node_pools
+                )
+            ),
         )
 
     def _published(self, key: DeviceKey) -> tuple[str, str, bool] | None:
@@ -836,17 +918,18 @@ def _state(
     partitions_held: bool,
     taints: Sequence[Taint],
     driver: str,
-    complete: bool,
+    offered: bool,
     capacity: Mapping[str, Mapping[str, Fraction]],
     used: Mapping[str, Mapping[str, Fraction]],
 ) -> str:
+    """`offered`: the scheduler allocates from its pool (complete) on its node (taking pods)."""
     if any(not h.admin for h in holders):
         return "allocated"
     if partitions_held or not _fits(device, capacity, used):
         return "partitioned"
     if any(t.blocks(driver) for t in taints):
         return "tainted"
-    if not complete:
+    if not offered:
         return "unavailable"
     return "free"
 

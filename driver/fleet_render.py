@@ -38,12 +38,20 @@ def document(report: Report) -> dict[str, Any]:
     nodes: dict[str, list[dict[str, Any]]] = {}
     for group in report.groups:
         nodes.setdefault(group.node, []).append(_group(group))
+    closed = dict(report.unschedulable_nodes)
     return {
         "apiVersion": API_VERSION,
         "kind": "FleetReport",
         "jobSizes": list(report.job_sizes),
         "models": [_model(m) for m in report.models],
-        "nodes": [{"node": node or None, "groups": groups} for node, groups in nodes.items()],
+        "nodes": [
+            {
+                "node": node or None,
+                **({"unschedulable": closed[node]} if node in closed else {}),
+                "groups": groups,
+            }
+            for node, groups in nodes.items()
+        ],
         "domains": [
             {
                 "model": d.model,
@@ -342,6 +350,10 @@ def _notes(report: Report) -> list[str]:
     notes += [
         f"note: pool {pool} of {driver} is incomplete (being republished); its free devices are unavailable"
         for driver, pool in report.incomplete_pools
+    ]
+    notes += [
+        f"note: node {node} is {reason} and takes no new pods; its free devices are unavailable"
+        for node, reason in report.unschedulable_nodes
     ]
     notes += [
         f"note: {count} devices of {driver} do not use Unidra's vocabulary and are left out"

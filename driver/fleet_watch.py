@@ -1,6 +1,6 @@
 """Keep a Fleet current from the API server: one list+watch per kind, a relist only on 410 Gone.
 
-Each kind (ResourceSlices, ResourceClaims, DeviceTaintRules, Pods) has its own loop under the
+Each kind (ResourceSlices, ResourceClaims, DeviceTaintRules, Pods, Nodes) has its own loop under the
 supervisor. A watch that ends or breaks resumes from the last resourceVersion it saw (with
 bookmarks), so a healthy cluster is listed once; a relist replaces that kind's records and
 dirties only the pools whose objects changed. Views are recomputed on demand, under one lock.
@@ -47,7 +47,11 @@ SOURCES: Mapping[Kind, tuple[str, tuple[str, ...]]] = {
         tuple(f"{_RESOURCE}/{v}/devicetaintrules" for v in ("v1", "v1beta2", "v1alpha3")),
     ),
     "Pod": ("Pods", ("/api/v1/pods",)),
+    "Node": ("Nodes", ("/api/v1/nodes",)),
 }
+# Objects per page of a list. A Node carries its images and labels (10 to 40 KB): smaller pages
+# keep the peak of listing 5,000 of them low (BENCHMARKS.md, "Fleet view").
+PAGE_SIZES: Mapping[Kind, int] = {"Node": 100}
 
 
 class FleetWatcher:
@@ -112,7 +116,7 @@ class FleetWatcher:
                     log.info("Watch expired; relisting", extra={"kind": kind, "error": str(err)})
                     version = ""
                 except (NotServed, Forbidden) as err:
-                    # Not served, or left out of the RBAC on purpose (Pods): report without it.
+                    # Not served, or left out of the RBAC on purpose (Pods, Nodes): report without it.
                     self._not_served(kind, err)
                     version = ""
                     stop.wait(self.rediscover_seconds)
@@ -135,7 +139,7 @@ class FleetWatcher:
     def _relist(self, kind: Kind) -> str:
         records: dict[ObjectKey, Record | None] = {}
         version = ""
-        for page, listed_at in self._collections[kind].pages():
+        for page, listed_at in self._collections[kind].pages(PAGE_SIZES.get(kind, 500)):
             # Parsed outside the lock and page by page: only compact records are kept.
             records.update((object_key(o), parse(kind, o)) for o in page)
             version = listed_at

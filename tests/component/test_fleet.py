@@ -21,6 +21,7 @@ import yaml
 
 from driver import cli, kubeapi
 from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.fleet import KINDS
 from driver.fleet_watch import FleetWatcher
 from driver.supervisor import Supervisor
 from support import cluster
@@ -34,7 +35,10 @@ RESOURCE = "resource.k8s.io"
 def populate(api: FakeApiServer) -> None:
     """node-a and node-b with 8 H100s each in two NVLink domains of 4; one GPU of node-a failing,
     one of node-b reserved by an admin's rule, a 2-GPU training claim on node-a."""
+    registered = {n["metadata"]["name"] for n in api.list("", "nodes")}
     for node in ("node-a", "node-b"):
+        if node not in registered:
+            api.create("", "nodes", cluster.node(node))
         failing = {NAMES[2]: cluster.unhealthy("xid-79")} if node == "node-a" else None
         for obj in cluster.node_slices(node, domains=2, taints=failing):
             api.create(RESOURCE, "resourceslices", obj)
@@ -168,8 +172,8 @@ def watcher(api: FakeApiServer, kubeconfig: Path) -> Iterator[FleetWatcher]:
     # Short watches: every second each kind resumes from its last resourceVersion (bookmarks).
     watching = FleetWatcher(kubeapi.build_client(kubeconfig), watch_seconds=1)
     supervisor = Supervisor()
-    for kind in ("ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod"):
-        supervisor.spawn(kind, watching.loop(kind), interrupt=watching.interrupt)  # type: ignore[arg-type]
+    for kind in KINDS:
+        supervisor.spawn(kind, watching.loop(kind), interrupt=watching.interrupt)
     yield watching
     supervisor.stop()
 
@@ -205,6 +209,9 @@ def test_watches_follow_a_scripted_series_of_allocations_and_taints(
             {("node-b", "1"): 4},
         ),
         (lambda: taint(api, "node-a", None), {("node-a", "0"): 4}),  # the failing GPU recovered
+        # Cordoned: the scheduler places no new pods there, so nothing of node-b is free.
+        (lambda: cordon(api, "node-b", True), {("node-b", "0"): 0, ("node-b", "1"): 0}),
+        (lambda: cordon(api, "node-b", False), {("node-b", "0"): 2, ("node-b", "1"): 4}),
     ]
     for act, change in steps:
         act()
@@ -220,10 +227,19 @@ def test_watches_follow_a_scripted_series_of_allocations_and_taints(
         what="a watch to resume",
     )
     assert {kind: s.lists for kind, s in watcher.sync.items()} == dict.fromkeys(watcher.sync, 1)
+    # Nodes are listed in small pages: each carries its images (BENCHMARKS.md).
+    (node_list,) = [r for r in api.requests if r.path == "/api/v1/nodes" and "watch" not in r.query]
+    assert "limit=100" in node_list.query
     watches = [r for r in api.requests if "watch=true" in r.query]
     assert watches and all(
         "resourceVersion=" in r.query and "resourceVersion=&" not in r.query for r in watches
     )
+
+
+def cordon(api: FakeApiServer, name: str, unschedulable: bool) -> None:
+    (found,) = [n for n in api.list("", "nodes") if n["metadata"]["name"] == name]
+    found["spec"] = cluster.node(name, unschedulable=unschedulable)["spec"]
+    api.update("", "nodes", found)
 
 
 def taint(api: FakeApiServer, node: str, device: str | None) -> None:

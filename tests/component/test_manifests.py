@@ -290,6 +290,7 @@ def test_the_fleet_role_grants_exactly_the_reads_the_fleet_makes(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
     from driver import fleet_service
+    from driver.fleet import KINDS
 
     role = fleet_objects()[("ClusterRole", "unidra-fleet")]
     granted = _granted(role)
@@ -302,7 +303,7 @@ def test_the_fleet_role_grants_exactly_the_reads_the_fleet_makes(
     try:
         wait_until(lambda: out.getvalue(), what="the first report")
         wait_until(
-            lambda: len({r.path for r in api.requests if "watch=true" in r.query}) == 4,
+            lambda: len({r.path for r in api.requests if "watch=true" in r.query}) == len(KINDS),
             what="a watch of every kind",
         )
     finally:

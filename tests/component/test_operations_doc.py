@@ -44,6 +44,7 @@ class Story:
         self.api = api
         self.kubeconfig = kubeconfig
         for node in NODES:
+            api.create("", "nodes", cluster.node(node))
             for obj in cluster.node_slices(node):
                 api.create(RESOURCE, "resourceslices", obj)
             for name, indices in JOBS[node].items():
@@ -145,8 +146,10 @@ def outputs(story: Story) -> dict[str, str]:
         pool="gpu-node-3",
     )
     story.api.create(RESOURCE, "devicetaintrules", maintenance, version="v1beta2")
+    story.api.update("", "nodes", cluster.node("gpu-node-3", unschedulable=True))  # kubectl cordon
     story.finish("finetune-3")  # evicted; eval-3's pod hangs on the failing node
-    step("drain-held", section(story.fleet(), "TAINTED", "CLAIMS"))
+    step("drain-held", section(story.fleet(), "TAINTED", "CLAIMS", "note"))
+    story.api.delete("", "nodes", "gpu-node-3")
     for obj in story.api.list(RESOURCE, "resourceslices"):
         if obj["spec"]["nodeName"] == "gpu-node-3":  # the Node was deleted: its slices go too
             story.api.delete(RESOURCE, "resourceslices", obj["metadata"]["name"])

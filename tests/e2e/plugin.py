@@ -16,10 +16,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from driver import inventory
+from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore, PreparedClaim
 from driver.localcluster import LocalCluster, free_port
 from driver.locks import FileLocks
 from support.waiting import wait_until
+from vendors.simulated import SimulatedBackend
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = "unidra.dev"
@@ -144,18 +147,11 @@ class PluginProcess:
         return code
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return str(answer.read().decode())
+        return scrape(self.metrics_port)
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         """The current samples of one metric, by their sorted labels."""
-        return {
-            tuple(sorted(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(self.metrics())
-            for sample in family.samples
-            if sample.name == name
-        }
+        return metric_samples(self.metrics(), name)
 
     def checkpoint(self) -> dict[str, PreparedClaim]:
         locks = FileLocks(self.plugin_dir / "serialize.lock")
@@ -175,6 +171,22 @@ class PluginProcess:
     ) -> None:
         if self.stop() not in (0, -signal.SIGTERM) and kind is None:
             raise AssertionError(f"the plugin did not stop cleanly:\n{self.output()[-3000:]}")
+
+
+def scrape(port: int) -> str:
+    """The Prometheus text a local /metrics endpoint serves."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric in a scrape, by their sorted labels."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 # -- objects and pods ------------------------------------------------------------------------------
@@ -226,21 +238,21 @@ def pod(
     templates: Mapping[str, str] = {},
     claims: Mapping[str, str] = {},
     tolerations: Sequence[Mapping[str, Any]] = (),
+    limits: Mapping[str, str] = {},
 ) -> dict[str, Any]:
-    """A pod whose one container uses claims made from `templates` and the existing `claims`."""
+    """A pod whose one container uses claims made from `templates` and the existing `claims`,
+    and asks for the extended resources in `limits` (an unmodified pod: no claims at all)."""
     references = [{"name": ref, "resourceClaimTemplateName": t} for ref, t in templates.items()]
     references += [{"name": ref, "resourceClaimName": c} for ref, c in claims.items()]
+    resources: dict[str, Any] = {"limits": dict(limits)} if limits else {}
+    if references:
+        resources["claims"] = [{"name": r["name"]} for r in references]
     spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": 0,
-        "containers": [
-            {
-                "name": "main",
-                "image": IMAGE,
-                "resources": {"claims": [{"name": r["name"]} for r in references]},
-            }
-        ],
-        "resourceClaims": references,
+        "containers": [{"name": "main", "image": IMAGE, "resources": resources}],
     }
+    if references:
+        spec["resourceClaims"] = references
     if tolerations:
         spec["tolerations"] = list(tolerations)
     return {
@@ -374,3 +386,57 @@ def wait_seconds_for(probe: Any, seconds: float) -> None:
     while time.monotonic() < deadline:
         assert not probe(), "it happened"
         time.sleep(0.2)
+
+
+def simulated_device_count(profile: str, partitions: bool = False) -> int:
+    """How many devices (with --partitions: and partitions) a simulated profile publishes."""
+    backend = SimulatedBackend(BackendContext(node_name="node-a", options={"profile": profile}))
+    found = inventory.discover([backend], partitions=partitions)
+    return len(found.devices) + len(found.partitions)
+
+
+def wait_unprepared(process: PluginProcess, timeout: float = 30.0) -> None:
+    """Until kubelet has unprepared every claim (it does so a little after the pods are gone)."""
+    wait_until(lambda: not process.checkpoint(), timeout=timeout, what="an empty checkpoint")
+
+
+def unidra(*args: str) -> str:
+    """Run the `unidra` command line; its standard output (a failure raises with its stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "driver", *args], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"unidra {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return done.stdout
+
+
+def apply_component(cluster: LocalCluster, component: str) -> Path:
+    """`kubectl apply -k` of a kustomization that uses manifests/components/<component>; returns
+    its directory (for `kubectl delete -k`)."""
+    directory = cluster.workdir / f"component-{component}"
+    directory.mkdir(exist_ok=True)
+    # kustomize refuses absolute paths to components.
+    path = os.path.relpath(REPO / "manifests" / "components" / component, directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"components:\n  - {path}\n"
+    )
+    cluster.kubectl("apply", "-k", str(directory))
+    return directory
+
+
+def service_account_kubeconfig(cluster: LocalCluster, account: str, namespace: str) -> Path:
+    """A kubeconfig with a fresh token of a service account (`kubectl create token`)."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    return cluster.token_kubeconfig(f"{namespace}-{account}", token)
+
+
+def pod_events(cluster: LocalCluster, namespace: str, name: str, reason: str) -> list[str]:
+    """The messages of a pod's events with one reason, oldest first."""
+    found = cluster.get_json(
+        f"/api/v1/namespaces/{namespace}/events"
+        f"?fieldSelector=involvedObject.name%3D{name},reason%3D{reason}"
+    )
+    events = sorted(found["items"], key=lambda e: e.get("lastTimestamp") or "")
+    return [str(e.get("message", "")) for e in events]

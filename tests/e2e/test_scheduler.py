@@ -17,15 +17,13 @@ from e2e.plugin import (
     pod,
     pod_claims,
     scheduling_message,
+    simulated_device_count,
     wait_pod_gone,
     wait_pod_ready,
     wait_published,
 )
 
-from driver import inventory
-from driver.backends import BackendContext
 from driver.localcluster import LocalCluster
-from vendors.simulated import SimulatedBackend
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.yaml"))
@@ -77,7 +75,7 @@ def test_every_documented_example_allocates_on_the_node_it_names(
     examples = [e for e in EXAMPLES if _try_it_on(e) == flags]
     rest = [f for f in flags if f not in ("--simulate", profile)]
     with PluginProcess(cluster, simulate=profile, args=rest):
-        devices = wait_published(cluster, _published_count(profile, partitions))
+        devices = wait_published(cluster, simulated_device_count(profile, partitions))
         for example in examples:
             template = yaml.safe_load(example.read_text())
             template["metadata"]["namespace"] = NS
@@ -143,7 +141,7 @@ def test_counters_never_allocate_a_gpu_and_its_partitions_together(
     cluster: LocalCluster, namespace: str
 ) -> None:
     with PluginProcess(cluster, simulate="dgx-h100", args=["--partitions"]):
-        devices = wait_published(cluster, _published_count("dgx-h100", partitions=True))
+        devices = wait_published(cluster, simulated_device_count("dgx-h100", partitions=True))
         uuid = devices["gpu-0000-1b-00-0"]["attributes"]["uuid"]["string"]
         whole = f'device.attributes["unidra.dev"].uuid == "{uuid}"'
         part = f'device.attributes["unidra.dev"].parentUUID == "{uuid}"'
@@ -175,9 +173,3 @@ def test_counters_never_allocate_a_gpu_and_its_partitions_together(
         apply(cluster, pod("whole-gpu-again", NS, templates={"gpu": "the-gpu"}))
         assert "cannot allocate all claims" in scheduling_message(cluster, NS, "whole-gpu-again")
         _remove(cluster, "mig-slice", "whole-gpu-again")
-
-
-def _published_count(profile: str, partitions: bool) -> int:
-    backend = SimulatedBackend(BackendContext(node_name="node-a", options={"profile": profile}))
-    found = inventory.discover([backend], partitions=partitions)
-    return len(found.devices) + len(found.partitions)

@@ -146,6 +146,22 @@ def pod(
     }
 
 
+def node(name: str, *, unschedulable: bool = False, ready: str = "True") -> dict[str, Any]:
+    """A Node as kubelet registers it: cordoned when `unschedulable`, with its Ready condition."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"unschedulable": True} if unschedulable else {},
+        "status": {
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False"},
+                {"type": "Ready", "status": ready, "reason": "KubeletReady"},
+            ]
+        },
+    }
+
+
 def taint_rule(
     name: str,
     *,

@@ -200,6 +200,51 @@ def test_a_pool_being_republished_is_unavailable_and_old_generations_are_ignored
     assert "incomplete" in fleet_render.render(found, "table")
 
 
+def test_a_node_that_takes_no_new_pods_has_no_free_devices() -> None:
+    fleet = two_nodes()
+    allocate(fleet, "running", "node-a", 0)
+    fleet.apply("Node", "ADDED", cluster.node("node-a", unschedulable=True))  # kubectl cordon
+    fleet.apply("Node", "ADDED", cluster.node("node-b", ready="Unknown"))  # kubelet stopped posting
+    found = report(fleet)
+    assert [(g.node, g.counts["allocated"], g.counts["unavailable"]) for g in found.groups] == [
+        ("node-a", 1, 3),
+        ("node-a", 0, 4),
+        ("node-b", 0, 4),
+        ("node-b", 0, 4),
+    ]
+    assert model(fleet) == (0, 0)
+    assert found.unschedulable_nodes == (("node-a", "cordoned"), ("node-b", "unreachable"))
+    table = fleet_render.render(found, "table")
+    assert "note: node node-a is cordoned and takes no new pods" in table
+    nodes = fleet_render.document(found)["nodes"]
+    assert [(n["node"], n["unschedulable"]) for n in nodes] == [
+        ("node-a", "cordoned"),
+        ("node-b", "unreachable"),
+    ]
+    fleet.apply("Node", "MODIFIED", cluster.node("node-a"))  # kubectl uncordon
+    fleet.apply("Node", "MODIFIED", cluster.node("node-b", ready="False"))
+    assert largest(fleet) == [
+        ("node-a", 3, 3),
+        ("node-a", 4, 4),
+        ("node-b", 0, 0),
+        ("node-b", 0, 0),
+    ]
+    assert report(fleet).unschedulable_nodes == (("node-b", "not ready"),)
+    assert "unschedulable" not in fleet_render.document(report(fleet))["nodes"][0]
+
+
+def test_node_taints_and_status_updates_change_nothing() -> None:
+    fleet = two_nodes()
+    fleet.refresh()
+    gpu_node = cluster.node("node-a")
+    # GPU nodes are often tainted so that only GPU pods land there: their devices are still free.
+    gpu_node["spec"]["taints"] = [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+    fleet.apply("Node", "ADDED", gpu_node)
+    fleet.apply("Node", "MODIFIED", gpu_node)  # a heartbeat
+    assert fleet.refresh() == 0 and fleet.nodes == {}
+    assert model(fleet) == (16, 4)
+
+
 def test_other_drivers_devices_are_counted_apart() -> None:
     foreign = {
         "metadata": {"name": "gpu-example"},
@@ -281,7 +326,9 @@ SLICES = {n: cluster.node_slices(n, domains=2)[0] for n in NODES}
 Event = tuple[str, str, int, int]  # (kind, node, device index, variant)
 events = st.lists(
     st.tuples(
-        st.sampled_from(["slice", "unslice", "claim", "unclaim", "rule", "unrule", "taint"]),
+        st.sampled_from(
+            ["slice", "unslice", "claim", "unclaim", "rule", "unrule", "taint", "cordon", "node"]
+        ),
         st.sampled_from(NODES),
         st.integers(0, 7),
         st.integers(0, 1),
@@ -300,6 +347,8 @@ def _play(fleet: Fleet, world: World, event: Event) -> None:
         kind, obj = "ResourceSlice", json.loads(json.dumps(SLICES[node]))
         if action == "taint":
             obj["spec"]["devices"][index]["taints"] = cluster.unhealthy()
+    elif action in ("cordon", "node"):
+        kind, obj = "Node", cluster.node(node, unschedulable=action == "cordon")
     elif action in ("claim", "unclaim"):
         devices = [(node, NAMES[i % 8]) for i in range(index, index + variant + 1)]
         kind, obj = "ResourceClaim", cluster.claim(f"c{node}{variant}", devices)
