@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from driver import __version__, backends, inspect, inventory, logs
+from driver import __version__, backends, inspect, inventory, logs, sharing
 from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
 from driver.settings import DEFAULT_DRIVER_NAME, Settings
@@ -92,6 +92,15 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("UNIDRA_PARTITIONS", "") in ("1", "true", "yes"),
         help="also publish partitions (MIG, AMD compute partitions) sharing counters with their device; "
         "needs Kubernetes 1.35+ with DRAPartitionableDevices [env UNIDRA_PARTITIONS]",
+    )
+    parser.add_argument(
+        "--sharing",
+        action="store_true",
+        default=_env("UNIDRA_SHARING", "") in ("1", "true", "yes"),
+        help="publish devices that can be shared as shareable: claims get shares of memory and "
+        "compute units (consumable capacity, Kubernetes 1.36+); narrow it with "
+        "--backend-option BACKEND.sharing=off|all|MODEL[|MODEL...] (docs/sharing.md) "
+        "[env UNIDRA_SHARING]",
     )
     _directory(
         parser,
@@ -297,6 +306,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         backends=names,
         backend_options=options,
         partitions=args.partitions,
+        sharing=args.sharing,
         metrics_address=args.metrics_address,
         metrics_interval_seconds=args.metrics_interval_seconds,
         healthcheck_port=None if args.healthcheck_port < 0 else args.healthcheck_port,
@@ -321,7 +331,8 @@ def _inspect(args: argparse.Namespace) -> int:
             host_root=args.host_root, node_name=node, options=options.get(name, {})
         ),
     )
-    found = inventory.discover(built, partitions=args.partitions)
+    policy = sharing.parse_policy(args.sharing, options)
+    found = inventory.discover(built, partitions=args.partitions, policy=policy)
     failures.update(found.failures)
     if args.slices:
         print(

@@ -24,7 +24,13 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from driver import backends, kubeapi, slices
-from driver.backends import Backend, BackendContext, FaultInjector, HealthSource
+from driver.backends import (
+    Backend,
+    BackendContext,
+    FaultInjector,
+    HealthSource,
+    SharingController,
+)
 from driver.checkpoint import CheckpointStore, PreparedDevice
 from driver.claim_status import ClaimStatusWriter
 from driver.claims import ClaimRef
@@ -203,6 +209,10 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
         "rediscovery", lambda stop: _rediscover(live, publisher, board, settings, stop)
     )
     supervisor.spawn("claim-status", status.loop)
+    if any(isinstance(b, SharingController) for b in live.current().backends.values()):
+        supervisor.spawn(
+            "sharing", lambda stop: _check_sharing(preparer, settings.sharing_check_seconds, stop)
+        )
     supervisor.spawn("health-board", lambda stop: _tick(board, stop), interrupt=stream.notify)
     for backend in live.current().backends.values():
         if isinstance(backend, HealthSource):
@@ -281,11 +291,12 @@ def _discover(settings: Settings) -> LiveInventory:
             host_root=settings.host_root,
             node_name=settings.node_name,
             options=settings.backend_options.get(name, {}),
+            state_dir=settings.plugin_dir / name,
         ),
     )
     for name, reason in failures.items():
         log.error("Backend unavailable", extra={"backend": name, "reason": reason})
-    live = LiveInventory(built, partitions=settings.partitions)
+    live = LiveInventory(built, partitions=settings.partitions, policy=settings.sharing_policy)
     current = live.current()
     if not current.devices:
         raise FatalError("no devices found by any backend; run `unidra inspect` to see why")
@@ -342,6 +353,11 @@ def _rediscover(
         if added or removed or changed:
             board.monitored = _monitored(live)
             publisher.wake()
+
+
+def _check_sharing(preparer: Preparer, seconds: float, stop: threading.Event) -> None:
+    while not stop.wait(seconds):
+        preparer.reconcile_sharing()
 
 
 def _monitored(live: LiveInventory) -> set[str]:

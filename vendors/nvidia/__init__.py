@@ -24,15 +24,19 @@ from driver.model import (
     Device,
     DeviceNode,
     DeviceSample,
+    DeviceSharing,
     DeviceType,
     HealthEvent,
     Hook,
     Interconnect,
     Mount,
+    Sharing,
+    SharingSupport,
 )
 from driver.pci import PciMatch
 from vendors.host import Host
 from vendors.nvidia import capabilities, topology
+from vendors.nvidia.sharing import NvidiaSharing
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,9 @@ class NvidiaBackend:
         self.nvml = nvml or _import_pynvml()
         _init(self.nvml)
         self._gpus: dict[str, _Gpu] = {}
+        self.sharing = NvidiaSharing(
+            self.host, context.state_dir, context.options.get("driver-root", "/")
+        )
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -301,6 +308,17 @@ class NvidiaBackend:
                     found.append(candidate)
         found += [path for path in BINARIES if self.host.path(path).is_file()]
         return found
+
+    # -- sharing (vendors/nvidia/sharing.py) ----------------------------------------------------
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        return self.sharing.support(device)
+
+    def sharing_edits(self, device: Device, sharing: Sharing) -> ContainerEdits:
+        return self.sharing.edits(device, sharing)
+
+    def apply_sharing(self, device: Device, state: DeviceSharing | None) -> None:
+        self.sharing.apply(device, state)
 
     # -- health and metrics --------------------------------------------------------------------
 
