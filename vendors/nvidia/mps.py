@@ -95,7 +95,9 @@ class MpsDaemons:
         self.root = state_dir / "mps"
         self.control = control
         self.start_timeout = start_timeout
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # Daemons this instance started, by device: process IDs of children (sessions of their
+        # own), not Popen objects, because they are meant to outlive the instance.
+        self._children: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def paths(self, device: Device) -> MpsPaths:
@@ -120,13 +122,12 @@ class MpsDaemons:
         """Make sure the GPU's daemon runs: ours, one an earlier instance started, or a new one."""
         with self._lock:
             child = self._children.get(device.name)
-            if child is not None and child.poll() is None:
+            if child is not None and _running(child):
                 return
             if child is not None:
                 del self._children[device.name]
                 log.error(
-                    "MPS control daemon exited; starting it again",
-                    extra={"device": device.name, "code": child.returncode},
+                    "MPS control daemon exited; starting it again", extra={"device": device.name}
                 )
             elif self._answers(device):
                 return
@@ -137,7 +138,7 @@ class MpsDaemons:
         with self._lock:
             paths = self.paths(device)
             child = self._children.pop(device.name, None)
-            running = child is not None and child.poll() is None
+            running = child is not None and _running(child)
             if running or (child is None and self._answers(device)):
                 self._ask(device, "quit\n", timeout=10.0)
             if child is not None:
@@ -169,22 +170,23 @@ class MpsDaemons:
             "PATH": f"{self.control.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         }
         argv = [sys.executable, "-m", __name__, str(paths.shm), str(self.control), "-f"]
-        with open(paths.log / LAUNCH_LOG, "ab") as output:
-            child = subprocess.Popen(  # our own launcher, fixed arguments, no shell
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                start_new_session=True,  # signals to the driver's process group spare it
-                umask=0o000,
-            )
+        output = str(paths.log / LAUNCH_LOG)
+        child = os.posix_spawn(
+            sys.executable,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,  # signals to the driver's process group spare it
+        )
         deadline = time.monotonic() + self.start_timeout
         while not (paths.pipe / READY_FILE).exists():
-            if child.poll() is not None:
+            if not _running(child):
                 raise BackendUnavailable(
-                    f"the MPS control daemon of {device.name} exited with {child.returncode}: "
-                    f"{_last_line(paths)}"
+                    f"the MPS control daemon of {device.name} exited: {_last_line(paths)}"
                 )
             if time.monotonic() > deadline:
                 _end(child, grace=1.0)
@@ -196,7 +198,7 @@ class MpsDaemons:
         self._children[device.name] = child
         log.info(
             "Started MPS control daemon",
-            extra={"device": device.name, "pid": child.pid, "pipe": str(paths.pipe)},
+            extra={"device": device.name, "pid": child, "pipe": str(paths.pipe)},
         )
 
     def _answers(self, device: Device) -> bool:
@@ -226,19 +228,28 @@ class MpsDaemons:
         return done.returncode == 0
 
 
-def _end(child: subprocess.Popen[bytes], grace: float) -> None:
+def _running(pid: int) -> bool:
+    """Whether a child is still running; collects it if it has exited."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == 0
+
+
+def _end(pid: int, grace: float) -> None:
     """Wait for a child to exit, then signal its session: SIGTERM, and SIGKILL if need be."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             try:
-                os.killpg(child.pid, sig)
+                os.killpg(pid, sig)
             except ProcessLookupError:
                 break
-        try:
-            child.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _running(pid):
+                return
+            time.sleep(0.02)
 
 
 def _last_line(paths: MpsPaths) -> str:
@@ -281,6 +292,7 @@ def launch(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 1
+    os.umask(0)  # clients in containers may run as any user, and must reach the sockets
     os.execv(binary, [binary, *argv[2:]])  # noqa: S606 - the MPS control binary, no shell
 
 
