@@ -393,12 +393,17 @@ class Preparer:
             backend = inventory.backend_of(device) if device is not None else None
             if device is None or not isinstance(backend, SharingController):
                 continue
-            state = sharing.device_state(
-                held.sharing
+            holdings = [
+                _holding(claim.uid, held)
                 for claim in checkpoint.claims.values()
                 for held in claim.devices
                 if held.device == name and held.pool == self.pool
-            )
+            ]
+            if any(h.unknown for h in holdings):
+                # Rebuilt from CDI specs: how the device is shared is not known, so whatever
+                # runs on it (an MPS daemon) stays until those shares are unprepared.
+                continue
+            state = sharing.device_state(h.sharing for h in holdings)
             try:
                 backend.apply_sharing(device, state)
             except BackendUnavailable as err:

@@ -336,6 +336,16 @@ class Holding:
     def exclusive(self) -> bool:
         return not self.admin_access and self.share_id is None
 
+    @property
+    def unknown(self) -> bool:
+        """A share whose consumption is not known: rebuilt from CDI specs after the checkpoint was
+        lost (the 1.36 scheduler always names what a share consumed)."""
+        return self.share_id is not None and not self.used
+
+    def amount(self, capacity_name: str, total: int) -> int:
+        # Not knowing, assume the share holds everything: safe, until it is unprepared.
+        return total if self.unknown else self.used.get(capacity_name, 0)
+
 
 def conflict(
     device: Device | Partition, others: Sequence[Holding], wanted: Sequence[Holding]
@@ -358,7 +368,7 @@ def conflict(
             "an exclusive allocation cannot join them"
         )
     for name, total in ((MEMORY, device.memory_bytes), (COMPUTE_UNITS, device.compute_units)):
-        taken = sum(h.used.get(name, 0) for h in (*users, *mine))
+        taken = sum(h.amount(name, total) for h in (*users, *mine))
         if taken > total:
             return (
                 f"the shares of device {device.name} would use {_amount(name, taken)} of "

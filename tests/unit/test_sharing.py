@@ -368,3 +368,10 @@ def test_the_device_state_is_the_common_strategy() -> None:
 
 def test_binary_amounts_for_messages() -> None:
     assert [quantities.binary(v) for v in (30 * GI, 1536 << 20, 1000)] == ["30Gi", "1536Mi", "1000"]
+
+
+def test_a_share_of_unknown_size_holds_the_whole_device() -> None:
+    """After the checkpoint was rebuilt from CDI specs nobody knows what a share consumed."""
+    rebuilt = Holding("a", SHARE, False, {}, None)
+    assert rebuilt.unknown
+    assert "would use" in str(sharing.conflict(H100, [rebuilt], [share("b", GI)]))
