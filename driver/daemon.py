@@ -227,7 +227,12 @@ def start(settings: Settings, claim_source: ClaimSource | None = None) -> Daemon
     metrics.watch_loops(supervisor.workers)
     registry.register(
         DeviceCollector(
-            node=settings.node_name, inventory=live.current, board=board, store=store, cache=cache
+            node=settings.node_name,
+            inventory=live.current,
+            board=board,
+            store=store,
+            cache=cache,
+            host_root=settings.host_root,
         )
     )
     metrics_server = _serve_metrics(settings, registry)

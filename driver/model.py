@@ -93,6 +93,14 @@ class HealthEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """Device memory one process uses, where the vendor reports it per process (host PID)."""
+
+    pid: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSample:
     """One reading of a device's metrics; None where the device cannot tell."""
 
@@ -105,6 +113,7 @@ class DeviceSample:
     temperature_celsius: float | None = None
     errors_corrected: int | None = None
     errors_uncorrected: int | None = None
+    processes: tuple[ProcessUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

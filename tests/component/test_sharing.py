@@ -17,16 +17,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from driver import cdi
-from driver.checkpoint import CheckpointStore, PreparedClaim
+from driver.backends import BackendContext
+from driver.checkpoint import CheckpointStore, PreparedClaim, PreparedDevice
+from driver.claims import Consumer
+from driver.health import HealthBoard
+from driver.inventory import LiveInventory
 from driver.locks import FileLocks
-from driver.model import Sharing, Strategy
+from driver.metrics import DeviceCollector, SampleCache
+from driver.model import DeviceSample, ProcessUsage, Sharing, Strategy
 from support import mps, nvml
 from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result, share, sharing_config
 from support.hosts import FakeHost
 from support.waiting import wait_until
+from vendors.simulated import SimulatedBackend
 
 POOL = "node-a"
 GPU0, GPU1 = "gpu-0000-1b-00-0", "gpu-0000-43-00-0"
@@ -221,3 +229,81 @@ def test_a_daemon_that_died_with_the_driver_is_started_again(node, api, nvidia_n
     with node.serve(**settings):
         assert len(mps.runs(record, "daemon")) == 2  # recovery started it before serving
         assert mps.alive(mps.runs(record, "daemon")[-1]["pid"])
+
+
+def test_metrics_show_what_each_share_consumed_and_uses(tmp_path: Path) -> None:
+    """Consumption from the checkpoint for every vendor; memory per share where the vendor
+    reports it per process, joined to pods through the processes' cgroups."""
+    host = FakeHost(tmp_path / "host")
+    pods = ("0f2a9d1c-5b6e-4c2d-9a8b-7e6f5d4c3b2a", "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d")
+    systemd = pods[0].replace("-", "_")  # the systemd cgroup driver's spelling
+    host.file(
+        "/proc/4242/cgroup",
+        "0::/kubepods.slice/kubepods-besteffort.slice/"
+        f"kubepods-besteffort-pod{systemd}.slice/cri-containerd-1.scope\n",
+    )
+    host.file("/proc/4343/cgroup", f"0::/kubepods/burstable/pod{pods[1]}/0123abcd\n")
+    host.file("/proc/4444/cgroup", "0::/system.slice/nvidia-persistenced.service\n")
+    store = CheckpointStore(tmp_path / "checkpoint.json", FileLocks(tmp_path / "lock"))
+    shares = {}
+    with store.update() as checkpoint:
+        for name, pod in zip(("a", "b"), pods, strict=True):
+            sid = f"{name * 8}-0000-4000-8000-000000000000"
+            shares[name] = sid
+            checkpoint.claims[name] = PreparedClaim(
+                name,
+                "ns",
+                f"claim-{name}",
+                (
+                    PreparedDevice(
+                        "gpu",
+                        POOL,
+                        GPU0,
+                        (),
+                        share_id=sid,
+                        consumed={"memory": 30 * GI, "computeUnits": 0},
+                    ),
+                ),
+                (Consumer("pods", f"pod-{name}", pod),),
+            )
+    cache = SampleCache()
+    cache.replace(
+        [
+            DeviceSample(
+                GPU0,
+                processes=(
+                    ProcessUsage(4242, 8 * GI),
+                    ProcessUsage(4343, 2 * GI),
+                    ProcessUsage(4444, GI),  # not in a pod: no share's
+                ),
+            )
+        ]
+    )
+    backend = SimulatedBackend(BackendContext(node_name="n", options={"profile": "dgx-h100"}))
+    registry = CollectorRegistry()
+    registry.register(
+        DeviceCollector(
+            node="n",
+            inventory=LiveInventory([backend]).current,
+            board=HealthBoard(taint_key="k/u"),
+            store=store,
+            cache=cache,
+            host_root=host.root,
+        )
+    )
+    text = generate_latest(registry).decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    usage = {
+        s.labels["share_id"]: (s.labels["pod_uid"], s.value)
+        for s in samples
+        if s.name == "unidra_share_memory_usage_bytes"
+    }
+    assert usage == {shares["a"]: (pods[0], 8.0 * GI), shares["b"]: (pods[1], 2.0 * GI)}
+    consumed = {
+        (s.labels["share_id"], s.labels["capacity"]): s.value
+        for s in samples
+        if s.name == "unidra_share_consumed"
+    }
+    assert consumed[(shares["a"], "memory")] == 30.0 * GI
+    info = {s.labels["share_id"] for s in samples if s.name == "unidra_claim_device_info"}
+    assert info == set(shares.values())

@@ -228,3 +228,20 @@ def test_a_daemon_that_cannot_start_says_why(
     )
     with pytest.raises(BackendUnavailable, match=r"exited: .* already running"):
         gpus.apply_sharing(gpu(gpus), MPS)
+
+
+def test_memory_is_sampled_per_process(host: FakeHost, record: Path, tmp_path: Path) -> None:
+    """What lets the metrics tell the shares of one GPU apart (docs/sharing.md)."""
+    recording = nvml.load("dgx-h100.json")
+    recording["devices"][0]["processes"] = [
+        {"pid": 4242, "usedGpuMemory": 8 * GI},
+        {"pid": 4343, "usedGpuMemory": 2 * GI},
+    ]
+    with nvml.install(recording):
+        found = backend(host, tmp_path / "state")
+        samples = {s.device: s for s in found.sample()}
+    assert [(p.pid, p.memory_bytes) for p in samples["gpu-0000-1b-00-0"].processes] == [
+        (4242, 8 * GI),
+        (4343, 2 * GI),
+    ]
+    assert samples["gpu-0000-43-00-0"].processes == ()  # not recorded: NotSupported

@@ -30,6 +30,7 @@ from driver.model import (
     Hook,
     Interconnect,
     Mount,
+    ProcessUsage,
     Sharing,
     SharingSupport,
 )
@@ -427,6 +428,8 @@ class NvidiaBackend:
                 nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                 nvml.NVML_AGGREGATE_ECC,
             )
+            # Per process, so the memory of each share of a shared GPU can be told apart.
+            processes = _optional(nvml, nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
             samples.append(
                 DeviceSample(
                     device=gpu.device.name,
@@ -438,6 +441,11 @@ class NvidiaBackend:
                     temperature_celsius=float(temperature) if temperature is not None else None,
                     errors_corrected=corrected,
                     errors_uncorrected=uncorrected,
+                    processes=tuple(
+                        ProcessUsage(int(p.pid), int(p.usedGpuMemory))
+                        for p in processes
+                        if p.usedGpuMemory is not None
+                    ),
                 )
             )
         return samples
