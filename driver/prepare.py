@@ -184,8 +184,9 @@ class Preparer:
             self._configure(inventory, result, opaque.effective(decoded, result))
             for result in results
         ]
-        _check_one_mps_device(configured)
-        return self._render(claim.ref.uid, self._with_units(inventory, configured))
+        configured = self._with_units(inventory, configured)
+        _check_one_limited_device(configured)
+        return self._render(claim.ref.uid, configured)
 
     def reconcile_sharing(self) -> None:
         """Bring every device whose sharing needs setting up into the state its prepared
@@ -506,19 +507,26 @@ def _replace_units(current: Sharing, units: tuple[int, ...]) -> Sharing:
     )
 
 
-def _check_one_mps_device(configured: Sequence[Configured]) -> None:
-    """A process reaches one MPS daemon, and each GPU has its own: one GPU per claim under MPS."""
-    mps = sorted(
-        {c.result.device for c in configured if c.sharing and c.sharing.strategy is Strategy.MPS}
+def _check_one_limited_device(configured: Sequence[Configured]) -> None:
+    """Per-process sharing (an MPS daemon, a CU mask) reaches a process through its environment,
+    which calls its GPU device 0 and names one MPS daemon: a claim may use it on one GPU."""
+    limited = sorted(
+        {
+            c.result.device
+            for c in configured
+            if c.sharing and (c.sharing.strategy is Strategy.MPS or c.sharing.units)
+        }
     )
-    if len(mps) > 1:
-        config = next(c.config.sharing for c in configured if c.config.sharing is not None)
-        where = config.path if config is not None else "sharing"
-        raise ConfigError(
-            f"{where}.strategy",
-            f"MPS serves one GPU per claim (each GPU has its own MPS daemon, and a process "
-            f"reaches one), but this claim holds {', '.join(mps)}; use one claim per GPU",
-        )
+    if len(limited) < 2:
+        return
+    problem = (
+        f"per-process sharing (MPS, CU masks) applies to one GPU per claim, but this claim holds "
+        f"{', '.join(limited)}; use one claim per GPU"
+    )
+    config = next((c.config.sharing for c in configured if c.config.sharing is not None), None)
+    if config is not None:
+        raise ConfigError(f"{config.path}.strategy", problem)
+    raise ClaimError(problem)
 
 
 def _split_cdi_name(rest: str, device_names: set[str]) -> tuple[str, str | None]:

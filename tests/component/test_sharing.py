@@ -307,3 +307,26 @@ def test_metrics_show_what_each_share_consumed_and_uses(tmp_path: Path) -> None:
     assert consumed[(shares["a"], "memory")] == 30.0 * GI
     info = {s.labels["share_id"] for s in samples if s.name == "unidra_claim_device_info"}
     assert info == set(shares.values())
+
+
+def test_per_process_limits_apply_to_one_gpu_per_claim(node, api) -> None:  # type: ignore[no-untyped-def]
+    """A CU mask (or an MPS daemon) reaches a process through its environment, where its GPU
+    is device 0: two masked shares of different GPUs in one claim cannot both hold."""
+    other = "gpu-0000-26-00-0"
+    claim = allocated_claim(
+        api,
+        "two-gpus",
+        [share(MI300X, POOL, "8Gi", "8", request="a"), share(other, POOL, "8Gi", "8", request="b")],
+    )
+    fine = allocated_claim(
+        api,
+        "memory-only",
+        [share(MI300X, POOL, "8Gi", request="a"), share(other, POOL, "8Gi", request="b")],
+    )
+    with node.serve("mi300x", sharing=True) as (_, plugin):
+        answers = plugin.prepare([claim, fine])
+    assert answers[claim[2]].error == (
+        f"per-process sharing (MPS, CU masks) applies to one GPU per claim, but this claim holds "
+        f"{MI300X}, {other}; use one claim per GPU"
+    )
+    assert answers[fine[2]].error == ""  # time-sliced shares of two GPUs hold nothing per process

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from driver import inventory, sharing, slices, validation
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
 from driver.model import COMPUTE_UNITS, MEMORY, DeviceSharing, Sharing, Strategy
@@ -73,18 +74,25 @@ def test_mig_devices_are_not_shared(gpus: NvidiaBackend) -> None:
     assert migs and all(gpus.sharing_support(d) is None for d in migs)
 
 
-def test_without_the_mps_program_or_a_state_directory_shares_take_turns(
+def test_without_the_mps_program_shares_take_turns(
     host: FakeHost, record: Path, tmp_path: Path
 ) -> None:
+    mps.nvidia_tools(host, record, mps=False)
     with nvml.install(nvml.load("dgx-h100.json")):
-        mps.nvidia_tools(host, record, mps=False)
-        no_program = backend(host, tmp_path / "state")
-        mps.nvidia_tools(host, record)
-        no_state = backend(host, None)  # `unidra inspect` keeps no daemons
-        for found in (no_program, no_state):
-            support = found.sharing_support(gpu(found))
-            assert support is not None and support.strategies == (Strategy.TIME_SLICING,)
-            assert support.limits == {}
+        found = backend(host, tmp_path / "state")
+        support = found.sharing_support(gpu(found))
+        assert support is not None and support.strategies == (Strategy.TIME_SLICING,)
+        assert support.limits == {}
+
+
+def test_inspect_says_what_the_node_offers_but_runs_no_daemon(host: FakeHost, record: Path) -> None:
+    mps.nvidia_tools(host, record)
+    with nvml.install(nvml.load("dgx-h100.json")):
+        found = backend(host, None)  # as `unidra inspect` builds it: no state directory
+        support = found.sharing_support(gpu(found))
+        assert support is not None and support.strategies[0] is Strategy.MPS
+        with pytest.raises(BackendUnavailable, match="a state directory for its pipes"):
+            found.apply_sharing(gpu(found), MPS)
 
 
 def test_the_driver_root_option_finds_the_tools(
@@ -245,3 +253,23 @@ def test_memory_is_sampled_per_process(host: FakeHost, record: Path, tmp_path: P
         (4343, 2 * GI),
     ]
     assert samples["gpu-0000-43-00-0"].processes == ()  # not recorded: NotSupported
+
+
+def test_a_shareable_gpu_stays_within_the_api_limits(gpus: NvidiaBackend) -> None:
+    """Sharing adds two attributes and request policies; the API still takes the slices
+    (at most 32 attributes and capacities per device)."""
+    found = inventory.discover([gpus], policy=sharing.parse_policy(True, {}))
+    contents = slices.build(found)
+    devices = [d for c in contents for d in c.devices]
+    shared = [d for d in devices if d.get("allowMultipleAllocations")]
+    assert len(shared) == 7  # every whole GPU; GPU 7's MIG devices are not shared
+    assert shared[0]["attributes"]["sharing"] == {"string": "MPS,TimeSlicing"}
+    assert max(len(d["attributes"]) + len(d["capacity"]) for d in devices) <= 32
+    validation.check_pool(
+        [
+            slices.slice_object(
+                c, driver="unidra.dev", node="node-a", node_uid=None, generation=1, count=1
+            )
+            for c in contents
+        ]
+    )

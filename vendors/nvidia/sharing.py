@@ -49,11 +49,12 @@ class NvidiaSharing:
         self.state_dir = state_dir
         root = driver_root.strip("/")
         self.bin_dirs = [f"/{root}/{d}".replace("//", "/") for d in BIN_DIRS]
-        control = self._binary(CONTROL)
-        # MPS needs a place for its pipes; only the kubelet plugin has one (not `unidra inspect`).
+        self.control = self._binary(CONTROL)
+        # The daemons need a place for their pipes: the kubelet plugin has one, `unidra inspect`
+        # (which only says what the node offers) does not.
         self.mps = (
-            MpsDaemons(state_dir, self.host.path(control))
-            if state_dir is not None and control is not None
+            MpsDaemons(state_dir, self.host.path(self.control))
+            if state_dir is not None and self.control is not None
             else None
         )
 
@@ -62,7 +63,7 @@ class NvidiaSharing:
             return None  # MIG devices are partitions already; they are not shared again
         intervals = INTERVALS if self._binary("nvidia-smi") else ()
         major = int((device.compute_capability or "0").split(".")[0])
-        if self.mps is not None and major >= _MPS_CAPABILITY:
+        if self.control is not None and major >= _MPS_CAPABILITY:
             return SharingSupport(
                 strategies=(Strategy.MPS, Strategy.TIME_SLICING),
                 limits={Strategy.MPS: frozenset({MEMORY, COMPUTE_UNITS})},
@@ -107,7 +108,9 @@ class NvidiaSharing:
             )
         if state is not None and state.strategy is Strategy.MPS:
             if self.mps is None:
-                raise BackendUnavailable(f"{CONTROL} is not installed; MPS is not available")
+                raise BackendUnavailable(
+                    f"MPS needs {CONTROL} under the driver root and a state directory for its pipes"
+                )
             if applied is None or applied.strategy is not Strategy.MPS:
                 self._smi(device, "-i", device.uuid, "-c", "EXCLUSIVE_PROCESS")
             self.mps.ensure(device)
