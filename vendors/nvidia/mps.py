@@ -91,7 +91,7 @@ def memory_limit(value: int) -> str:
 class MpsDaemons:
     """The control daemons of this node's GPUs: started on demand, watched, stopped."""
 
-    def __init__(self, state_dir: Path, control: Path, start_timeout: float = 15.0) -> None:
+    def __init__(self, state_dir: Path, control: Path, start_timeout: float = 10.0) -> None:
         self.root = state_dir / "mps"
         self.control = control
         self.start_timeout = start_timeout
@@ -139,12 +139,13 @@ class MpsDaemons:
             paths = self.paths(device)
             child = self._children.pop(device.name, None)
             running = child is not None and _running(child)
+            # Bounded well inside the checkpoint lock's 30 s, which concurrent prepares wait for.
             if running or (child is None and self._answers(device)):
-                self._ask(device, "quit\n", timeout=10.0)
+                self._ask(device, "quit\n", timeout=5.0)
             if child is not None:
-                _end(child, grace=10.0)
+                _end(child, grace=4.0)
             else:
-                deadline = time.monotonic() + 10.0
+                deadline = time.monotonic() + 5.0
                 while self._answers(device) and time.monotonic() < deadline:
                     time.sleep(0.1)
             shutil.rmtree(paths.root, ignore_errors=True)
