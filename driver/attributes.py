@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from driver import quantities
-from driver.model import AttributeValue, Device, Partition
+from driver import quantities, sharing
+from driver.model import AttributeValue, Device, Partition, SharingSupport
 
 STANDARD = "resource.kubernetes.io"
 # Published as booleans on every device (true or false), so `attributes[...].fp8` never errors.
@@ -89,8 +89,9 @@ def common_attributes(device: Device) -> dict[str, dict[str, Any]]:
     return attributes
 
 
-def describe_device(device: Device) -> dict[str, Any]:
-    """A whole device as a ResourceSlice device entry."""
+def describe_device(device: Device, shared: SharingSupport | None = None) -> dict[str, Any]:
+    """A whole device as a ResourceSlice device entry; with `shared`, as a shareable one
+    (docs/sharing.md): several allocations at once, each consuming part of its capacities."""
     attributes = common_attributes(device)
     if device.uuid:
         attributes["uuid"] = _string(device.uuid)
@@ -104,7 +105,12 @@ def describe_device(device: Device) -> dict[str, Any]:
         attributes["partitionProfile"] = _string(device.partition_profile)
     if device.parent_uuid:
         attributes["parentUUID"] = _string(device.parent_uuid)
-    return _entry(device.name, attributes, _capacity(device.memory_bytes, device.compute_units))
+    if shared is None:
+        return _entry(device.name, attributes, _capacity(device.memory_bytes, device.compute_units))
+    attributes.update(sharing.attributes(shared))
+    entry = _entry(device.name, attributes, sharing.capacity(device, shared))
+    entry["allowMultipleAllocations"] = True
+    return entry
 
 
 def describe_partition(partition: Partition) -> dict[str, Any]:

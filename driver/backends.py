@@ -20,9 +20,12 @@ from driver.model import (
     ContainerEdits,
     Device,
     DeviceSample,
+    DeviceSharing,
     HealthEvent,
     Partition,
     PartitionLayout,
+    Sharing,
+    SharingSupport,
 )
 
 ENTRY_POINT_GROUP = "unidra.backends"
@@ -30,11 +33,13 @@ ENTRY_POINT_GROUP = "unidra.backends"
 
 @dataclass(frozen=True)
 class BackendContext:
-    """What a backend gets at construction: where the host is mounted, the node, and its own options."""
+    """What a backend gets at construction: where the host is mounted, the node, its own options,
+    and a directory of its own on the node for state it keeps (None where it may keep none)."""
 
     host_root: Path = Path("/")
     node_name: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
+    state_dir: Path | None = None
 
     def host_path(self, path: str) -> Path:
         """Map an absolute host path (`/sys/...`) under the host root."""
@@ -70,6 +75,29 @@ class Partitioner(Protocol):
 
     def partition_edits(self, partition: Partition) -> ContainerEdits:
         """Container edits for one partition."""
+        ...
+
+
+@runtime_checkable
+class Sharer(Protocol):
+    """Optional capability: devices several allocations can use at once (consumable capacity, KEP-5075)."""
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        """What sharing this device allows; None if it cannot be shared."""
+        ...
+
+    def sharing_edits(self, device: Device, sharing: Sharing) -> ContainerEdits:
+        """Container edits that put one allocation under its strategy and limits."""
+        ...
+
+
+@runtime_checkable
+class SharingController(Protocol):
+    """Optional capability: sharing that needs the device set up (an MPS daemon, a time slice)."""
+
+    def apply_sharing(self, device: Device, state: DeviceSharing | None) -> None:
+        """Bring the device into `state` (None: no longer shared); idempotent, raises
+        BackendUnavailable with the reason when it cannot."""
         ...
 
 

@@ -20,6 +20,7 @@ from driver import durable
 from driver.claims import Consumer
 from driver.errors import UnidraError
 from driver.locks import FileLocks
+from driver.model import Sharing, Strategy
 
 API_VERSION = "unidra.dev/v1"
 KIND = "Checkpoint"
@@ -40,6 +41,9 @@ class PreparedDevice:
     admin_access: bool = False
     share_id: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    # What a share consumed of each capacity, and the strategy and limits it was prepared with.
+    consumed: Mapping[str, int] = field(default_factory=dict)
+    sharing: Sharing | None = None
 
     @property
     def base_request(self) -> str:
@@ -159,6 +163,8 @@ def _claim_json(claim: PreparedClaim) -> dict[str, Any]:
                 "adminAccess": d.admin_access,
                 "shareID": d.share_id,
                 "config": dict(d.config),
+                "consumedCapacity": dict(d.consumed),
+                "sharing": _sharing_json(d.sharing),
             }
             for d in claim.devices
         ],
@@ -182,6 +188,9 @@ def _claim_from_json(item: Mapping[str, Any]) -> PreparedClaim:
                 admin_access=bool(d["adminAccess"]),
                 share_id=d["shareID"],
                 config=dict(d["config"]),
+                # Absent in checkpoints written before sharing existed.
+                consumed={str(k): int(v) for k, v in d.get("consumedCapacity", {}).items()},
+                sharing=_sharing_from_json(d.get("sharing")),
             )
             for d in item["devices"]
         ),
@@ -189,4 +198,28 @@ def _claim_from_json(item: Mapping[str, Any]) -> PreparedClaim:
             Consumer(resource=str(c["resource"]), name=str(c["name"]), uid=str(c["uid"]))
             for c in item.get("consumers", [])
         ),
+    )
+
+
+def _sharing_json(sharing: Sharing | None) -> dict[str, Any] | None:
+    if sharing is None:
+        return None
+    return {
+        "strategy": sharing.strategy.value,
+        "interval": sharing.interval,
+        "memoryBytes": sharing.memory_bytes,
+        "computeUnits": sharing.compute_units,
+        "units": list(sharing.units),
+    }
+
+
+def _sharing_from_json(item: Mapping[str, Any] | None) -> Sharing | None:
+    if item is None:
+        return None
+    return Sharing(
+        strategy=Strategy(item["strategy"]),
+        interval=str(item["interval"]),
+        memory_bytes=int(item["memoryBytes"]),
+        compute_units=int(item["computeUnits"]),
+        units=tuple(int(u) for u in item["units"]),
     )

@@ -5,6 +5,7 @@ Pure functions over the claim's JSON (resource.k8s.io/v1); fetching it is driver
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ def shown(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...(+{len(text) - limit} characters)"
+
+
+_SHARE_ID = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,8 @@ class AllocationResult:
     device: str
     admin_access: bool = False
     share_id: str | None = None
+    # What a share consumed of each capacity (`consumedCapacity`), as quantity strings.
+    consumed: tuple[tuple[str, str], ...] = ()
 
     @property
     def base_request(self) -> str:
@@ -157,13 +165,22 @@ def _refuse_duplicates(ref: ClaimRef, results: tuple[AllocationResult, ...]) -> 
 def _result(item: object, path: str) -> AllocationResult:
     data = _mapping(item, path)
     share_id = data.get("shareID")
+    if share_id is not None and not (isinstance(share_id, str) and _SHARE_ID.match(share_id)):
+        # It becomes part of CDI device names: only the UUIDs the scheduler writes are accepted.
+        raise ClaimError(f"malformed claim: {path}.shareID {share_id!r} is not a UUID")
+    consumed = data.get("consumedCapacity") or {}
+    if not isinstance(consumed, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in consumed.items()
+    ):
+        raise ClaimError(f"malformed claim: {path}.consumedCapacity is not a map of quantities")
     return AllocationResult(
         request=_string(data, "request", path),
         driver=_string(data, "driver", path),
         pool=_string(data, "pool", path),
         device=_string(data, "device", path),
         admin_access=data.get("adminAccess") is True,
-        share_id=share_id if isinstance(share_id, str) and share_id else None,
+        share_id=share_id or None,
+        consumed=tuple(sorted(consumed.items())),
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from driver import __version__, backends, inspect, inventory, logs
+from driver import __version__, backends, inspect, inventory, logs, sharing
 from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
 from driver.fleet import DEFAULT_JOB_SIZES
@@ -173,6 +173,18 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         help="also publish partitions sharing counters with their device, for the backends that can "
         "prepare them (simulated, furiosa; see docs/backends.md); needs Kubernetes 1.35+ with "
         "DRAPartitionableDevices [env UNIDRA_PARTITIONS: true or false]",
+    )
+    parser.add_argument(
+        "--sharing",
+        nargs="?",
+        const=True,
+        type=BOOLEAN,
+        default=_env("UNIDRA_SHARING") or False,
+        metavar="BOOL",
+        help="publish devices that can be shared as shareable: claims get shares of memory and "
+        "compute units (consumable capacity, Kubernetes 1.36+); narrow it with "
+        "--backend-option BACKEND.sharing=off|all|MODEL[|MODEL...] (docs/sharing.md) "
+        "[env UNIDRA_SHARING: true or false]",
     )
     _directory(
         parser,
@@ -460,6 +472,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         backends=names,
         backend_options=options,
         partitions=args.partitions,
+        sharing=args.sharing,
         metrics_address=args.metrics_address,
         metrics_interval_seconds=args.metrics_interval_seconds,
         healthcheck_port=None if args.healthcheck_port < 0 else args.healthcheck_port,
@@ -486,7 +499,8 @@ def _inspect(args: argparse.Namespace) -> int:
             host_root=args.host_root, node_name=node, options=options.get(name, {})
         ),
     )
-    found = inventory.discover(built, partitions=args.partitions)
+    policy = sharing.parse_policy(args.sharing, options)
+    found = inventory.discover(built, partitions=args.partitions, policy=policy)
     failures.update(found.failures)
     warning = inventory.partitions_warning(built) if args.partitions else None
     if warning:

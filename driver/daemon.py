@@ -28,7 +28,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry
 
 from driver import backends, boot, instances, kubeapi, slices
-from driver.backends import Backend, BackendContext, FaultInjector, HealthSource
+from driver.backends import (
+    Backend,
+    BackendContext,
+    FaultInjector,
+    HealthSource,
+    SharingController,
+)
 from driver.checkpoint import CheckpointStore, PreparedDevice
 from driver.claim_status import ClaimStatusWriter
 from driver.claims import ClaimRef
@@ -351,6 +357,10 @@ def _start(
         "rediscovery", lambda stop: _rediscover(live, publisher, board, settings, stop)
     )
     supervisor.spawn("claim-status", status.loop)
+    if any(isinstance(b, SharingController) for b in live.current().backends.values()):
+        supervisor.spawn(
+            "sharing", lambda stop: _check_sharing(preparer, settings.sharing_check_seconds, stop)
+        )
     supervisor.spawn("health-board", lambda stop: _tick(board, stop), interrupt=stream.notify)
     for backend in live.current().backends.values():
         if isinstance(backend, HealthSource):
@@ -365,7 +375,12 @@ def _start(
     metrics.watch_loops(supervisor.workers)
     registry.register(
         DeviceCollector(
-            node=settings.node_name, inventory=live.current, board=board, store=store, cache=cache
+            node=settings.node_name,
+            inventory=live.current,
+            board=board,
+            store=store,
+            cache=cache,
+            host_root=settings.host_root,
         )
     )
     if metrics_server is not None:
@@ -432,6 +447,7 @@ def _discover(settings: Settings) -> LiveInventory:
             host_root=settings.host_root,
             node_name=settings.node_name,
             options=settings.backend_options.get(name, {}),
+            state_dir=settings.plugin_dir / name,
         ),
     )
     for name, reason in failures.items():
@@ -439,7 +455,7 @@ def _discover(settings: Settings) -> LiveInventory:
     warning = partitions_warning(built) if settings.partitions else None
     if warning:
         log.warning(warning)
-    live = LiveInventory(built, partitions=settings.partitions)
+    live = LiveInventory(built, partitions=settings.partitions, policy=settings.sharing_policy)
     current = live.current()
     if not current.devices:
         raise FatalError("no devices found by any backend; run `unidra inspect` to see why")
@@ -496,6 +512,11 @@ def _rediscover(
         if added or removed or changed:
             board.monitored = _monitored(live)
             publisher.wake()
+
+
+def _check_sharing(preparer: Preparer, seconds: float, stop: threading.Event) -> None:
+    while not stop.wait(seconds):
+        preparer.reconcile_sharing()
 
 
 def _monitored(live: LiveInventory) -> set[str]:

@@ -10,9 +10,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from driver.backends import Backend, Partitioner
+from driver import sharing
+from driver.backends import Backend, Partitioner, Sharer
 from driver.errors import BackendUnavailable
-from driver.model import Device, Partition, PartitionLayout
+from driver.model import Device, Partition, PartitionLayout, SharingSupport
+from driver.sharing import SharingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,10 @@ class Inventory:
     backends: Mapping[str, Backend]
     failures: Mapping[str, str] = field(default_factory=dict)
     layouts: Mapping[str, PartitionLayout] = field(default_factory=dict)
+    # What sharing each device allows (any device whose backend can share it), and the devices
+    # published as shareable (--sharing and its per-backend narrowing).
+    sharing: Mapping[str, SharingSupport] = field(default_factory=dict)
+    shareable: frozenset[str] = frozenset()
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -45,10 +51,16 @@ class Inventory:
         return self.backends[device.backend]
 
 
-def discover(backends: Sequence[Backend], partitions: bool = False) -> Inventory:
+def discover(
+    backends: Sequence[Backend],
+    partitions: bool = False,
+    policy: SharingPolicy | None = None,
+) -> Inventory:
     """Run discovery on every backend; device names must be unique across all of them.
 
-    With `partitions`, devices whose backend can partition them also get their layout.
+    With `partitions`, devices whose backend can partition them also get their layout; with a
+    sharing policy, the devices it names are published as shareable where their backend can
+    share them.
     """
     devices: dict[str, Device] = {}
     failures: dict[str, str] = {}
@@ -77,7 +89,26 @@ def discover(backends: Sequence[Backend], partitions: bool = False) -> Inventory
             layout = backend.partition_layout(device) if isinstance(backend, Partitioner) else None
             if layout is not None:
                 layouts[name] = layout
-    return Inventory(by_name=ordered, backends=working, failures=failures, layouts=layouts)
+    supports: dict[str, SharingSupport] = {}
+    for name, device in ordered.items():
+        backend = working[device.backend]
+        support = backend.sharing_support(device) if isinstance(backend, Sharer) else None
+        if support is not None:
+            supports[name] = support
+    policy = policy or SharingPolicy()
+    shareable = frozenset(
+        name
+        for name, device in ordered.items()
+        if policy.shares(device) and sharing.publishable(device, supports.get(name))
+    )
+    return Inventory(
+        by_name=ordered,
+        backends=working,
+        failures=failures,
+        layouts=layouts,
+        sharing=supports,
+        shareable=shareable,
+    )
 
 
 def partitions_warning(backends: Sequence[Backend]) -> str | None:
@@ -99,11 +130,17 @@ def partitions_warning(backends: Sequence[Backend]) -> str | None:
 class LiveInventory:
     """The current inventory, swapped atomically when rediscovery finds a change (hot-plug)."""
 
-    def __init__(self, backends: Sequence[Backend], partitions: bool = False) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        partitions: bool = False,
+        policy: SharingPolicy | None = None,
+    ) -> None:
         self._backends = list(backends)
         self._partitions = partitions
+        self._policy = policy
         self._lock = threading.Lock()
-        self._current = discover(self._backends, partitions)
+        self._current = discover(self._backends, partitions, policy)
 
     def current(self) -> Inventory:
         with self._lock:
@@ -111,7 +148,7 @@ class LiveInventory:
 
     def refresh(self) -> tuple[list[str], list[str], list[str]]:
         """Rediscover; returns the names of added, removed and changed devices (all empty: no change)."""
-        fresh = discover(self._backends, self._partitions)
+        fresh = discover(self._backends, self._partitions, self._policy)
         with self._lock:
             old = self._current
             added = sorted(set(fresh.by_name) - set(old.by_name))
@@ -121,6 +158,8 @@ class LiveInventory:
                 for name in set(fresh.by_name) & set(old.by_name)
                 if fresh.by_name[name] != old.by_name[name]
                 or fresh.layouts.get(name) != old.layouts.get(name)
+                or fresh.sharing.get(name) != old.sharing.get(name)
+                or (name in fresh.shareable) != (name in old.shareable)
             )
             if added or removed or changed:
                 self._current = fresh

@@ -8,10 +8,12 @@ never waits for a vendor library. docs/metrics.md lists every metric.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -228,12 +230,14 @@ class DeviceCollector(Collector):
         board: HealthBoard,
         store: CheckpointStore,
         cache: SampleCache,
+        host_root: Path = Path("/"),
     ) -> None:
         self.node = node
         self.inventory = inventory
         self.board = board
         self.store = store
         self.cache = cache
+        self.host_root = host_root
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names are known only at scrape time; skip the registry's check
@@ -311,7 +315,7 @@ class DeviceCollector(Collector):
             status,
             info,
         )
-        yield from self._claims(inventory)
+        yield from self._claims(inventory, samples)
 
     def _state(self, device: str) -> str | None:
         """hw.status: failed for faults that make running work wrong, degraded for the rest."""
@@ -325,31 +329,45 @@ class DeviceCollector(Collector):
     def _labels(self, device: Device) -> list[str]:
         return [device.name, device.type.value, device.vendor, device.model, device.uuid, self.node]
 
-    def _claims(self, inventory: Inventory) -> Iterator[Metric]:
-        """One series per (device, pod using it), from the driver's own prepared-claim state."""
+    def _claims(
+        self, inventory: Inventory, samples: Mapping[str, DeviceSample]
+    ) -> Iterator[Metric]:
+        """One series per (device, pod using it), from the driver's own prepared-claim state;
+        for shares also what they consumed and, where the vendor reports memory per process,
+        what the processes of each pod use (docs/sharing.md)."""
+        claim_labels = (
+            "hw_id",
+            "uuid",
+            "k8s_node_name",
+            "claim_namespace",
+            "claim_name",
+            "claim_uid",
+        )
         claims = GaugeMetricFamily(
             "unidra_claim_device_info",
             "Joins a device to the claim holding it and the pods the claim is reserved for; value 1.",
-            labels=(
-                "hw_id",
-                "uuid",
-                "k8s_node_name",
-                "claim_namespace",
-                "claim_name",
-                "claim_uid",
-                "pod_name",
-                "pod_uid",
-            ),
+            labels=(*claim_labels, "pod_name", "pod_uid", "share_id"),
+        )
+        consumed = GaugeMetricFamily(
+            "unidra_share_consumed",
+            "What a share consumed of its device, by capacity (bytes of memory, compute units).",
+            labels=(*claim_labels, "share_id", "capacity"),
+        )
+        share_usage = GaugeMetricFamily(
+            "unidra_share_memory_usage_bytes",
+            "Device memory the processes of one pod use on a shared device, per share.",
+            labels=(*claim_labels, "share_id", "pod_uid"),
         )
         prepared = GaugeMetricFamily("unidra_prepared_claims", "Claims prepared on this node.")
         try:
             checkpoint = self.store.read()
         except CheckpointCorrupt:
             prepared.add_metric([], float("nan"))
-            yield from (claims, prepared)
+            yield from (claims, consumed, share_usage, prepared)
             return
         completed = list(checkpoint.claims.values())
         prepared.add_metric([], float(len(completed)))
+        by_pod = self._memory_by_pod(samples) if any(s.processes for s in samples.values()) else {}
         for claim in completed:
             pods: list[Consumer | None] = [c for c in claim.consumers if c.resource == "pods"] or [
                 None
@@ -361,21 +379,53 @@ class DeviceCollector(Collector):
                     if isinstance(item, Device)
                     else (item.parent.uuid if isinstance(item, Partition) else "")
                 )
+                labels = [device.device, uuid, self.node, claim.namespace, claim.name, claim.uid]
                 for pod in pods:
                     claims.add_metric(
                         [
-                            device.device,
-                            uuid,
-                            self.node,
-                            claim.namespace,
-                            claim.name,
-                            claim.uid,
+                            *labels,
                             pod.name if pod else "",
                             pod.uid if pod else "",
+                            device.share_id or "",
                         ],
                         1.0,
                     )
-        yield from (claims, prepared)
+                if device.share_id is None:
+                    continue
+                for capacity, amount in sorted(device.consumed.items()):
+                    consumed.add_metric([*labels, device.share_id, capacity], float(amount))
+                if not samples.get(device.device, DeviceSample(device.device)).processes:
+                    continue  # the vendor reports no per-process memory here
+                for pod in (p for p in pods if p is not None):
+                    used = by_pod.get((device.device, pod.uid), 0)
+                    share_usage.add_metric([*labels, device.share_id, pod.uid], float(used))
+        yield from (claims, consumed, share_usage, prepared)
+
+    def _memory_by_pod(self, samples: Mapping[str, DeviceSample]) -> dict[tuple[str, str], int]:
+        """Device memory per (device, pod UID), adding up each pod's processes."""
+        used: dict[tuple[str, str], int] = {}
+        for name, sample in samples.items():
+            for process in sample.processes:
+                pod = pod_of(self.host_root, process.pid)
+                if pod is not None:
+                    used[(name, pod)] = used.get((name, pod), 0) + process.memory_bytes
+        return used
+
+
+_POD_UID = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+
+
+def pod_of(host_root: Path, pid: int) -> str | None:
+    """The UID of the pod a host process runs in, from its cgroup path (systemd or cgroupfs
+    layout); None for a process outside any pod or one that is gone."""
+    try:
+        text = (host_root / "proc" / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    found = _POD_UID.search(text)
+    return found.group(1).replace("_", "-") if found else None
 
 
 def _gauge(name: str, documentation: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:

@@ -107,6 +107,14 @@ class HealthEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """Device memory one process uses, where the vendor reports it per process (host PID)."""
+
+    pid: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSample:
     """One reading of a device's metrics; None where the device cannot tell."""
 
@@ -119,6 +127,7 @@ class DeviceSample:
     temperature_celsius: float | None = None
     errors_corrected: int | None = None
     errors_uncorrected: int | None = None
+    processes: tuple[ProcessUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +157,72 @@ class PartitionLayout:
 
     counters: Mapping[str, int]
     partitions: tuple[Partition, ...]
+
+
+class Strategy(enum.StrEnum):
+    """How the processes of one device's users run side by side (the opaque config's `sharing.strategy`)."""
+
+    EXCLUSIVE = "Exclusive"
+    TIME_SLICING = "TimeSlicing"
+    MPS = "MPS"
+
+
+# The limits a sharing mechanism can hold, named after the capacities they cap.
+MEMORY = "memory"
+COMPUTE_UNITS = "computeUnits"
+
+
+@dataclass(frozen=True, slots=True)
+class SharingSupport:
+    """What a backend can do when one device is shared (docs/sharing.md).
+
+    `strategies` are those besides Exclusive, most capable first: the first is what a share runs
+    under when its claim does not choose. `limits` says which capacities each strategy really
+    holds per share; a strategy missing there holds none. `intervals` are the time-slice lengths
+    the device can be set to. `unit_masks` means compute units are given to a share as a set of
+    unit indices (a CU mask) rather than as a fraction.
+    """
+
+    strategies: tuple[Strategy, ...]
+    limits: Mapping[Strategy, frozenset[str]] = field(default_factory=dict)
+    intervals: tuple[str, ...] = ()
+    unit_masks: bool = False
+    memory_step: int = 1 << 30
+
+    def enforces(self, strategy: Strategy, capacity: str) -> bool:
+        return capacity in self.limits.get(strategy, frozenset())
+
+    @property
+    def compute_shares(self) -> bool:
+        """Whether some strategy can cap a share's compute units (else none are handed out)."""
+        return any(COMPUTE_UNITS in limits for limits in self.limits.values())
+
+
+# Devices whose users can only take turns: shares are scheduling bookkeeping, nothing is held.
+TIME_SLICING_ONLY = SharingSupport(strategies=(Strategy.TIME_SLICING,))
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """How one allocation of a device runs next to others: its strategy and the limits to apply.
+
+    Zero means no limit. `units` are the compute-unit indices given to the allocation on devices
+    whose compute is shared by masks.
+    """
+
+    strategy: Strategy
+    interval: str = ""
+    memory_bytes: int = 0
+    compute_units: int = 0
+    units: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSharing:
+    """The state a shared device must be in for every allocation prepared on it."""
+
+    strategy: Strategy
+    interval: str = ""
 
 
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")

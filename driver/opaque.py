@@ -5,6 +5,10 @@ Config kind (in `spec.devices.config[].opaque.parameters` of a claim or DeviceCl
     apiVersion: resource.unidra.dev/v1alpha1
     kind: DeviceConfig
     env: {NAME: value}     # extra environment for containers using the devices
+    sharing:               # how a shared device runs its users (docs/sharing.md)
+      strategy: Exclusive | TimeSlicing | MPS
+      interval: Default | Short | Medium | Long       # TimeSlicing
+      limits: {memory: 20Gi, computeUnits: 33}        # at most what a share consumed
 
 The same rules are compiled into the admission policy in manifests/ (see docs/config.md).
 """
@@ -15,10 +19,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from driver import sharing
 from driver.claims import AllocationResult, ConfigEntry
 from driver.errors import ConfigError
 from driver.model import ContainerEdits
 from driver.schema import Fields
+from driver.sharing import SharingConfig
 
 API_VERSION = "resource.unidra.dev/v1alpha1"
 KIND = "DeviceConfig"
@@ -34,11 +40,13 @@ class DeviceConfig:
     """The effective config of one allocated device, after precedence."""
 
     env: Mapping[str, str] = field(default_factory=dict)
+    sharing: SharingConfig | None = None
 
     def edits(self) -> ContainerEdits:
         return ContainerEdits(env=tuple(f"{k}={v}" for k, v in sorted(self.env.items())))
 
     def to_json(self) -> dict[str, object]:
+        """What the checkpoint keeps; the sharing outcome is kept with the device instead."""
         return {"env": dict(self.env)} if self.env else {}
 
 
@@ -52,9 +60,13 @@ def decode(parameters: object, path: str) -> DeviceConfig:
     if kind != KIND:
         raise ConfigError(fields.at("kind"), f"must be {KIND}, not {kind!r}")
     env = fields.string_map("env")
+    section = fields.typed("sharing", dict, None)
+    shared = None
+    if section is not None:
+        shared = sharing.decode_config(Fields(section, fields.at("sharing")))
     fields.finish()
     validate_env(env, fields.at("env"))
-    return DeviceConfig(env=env)
+    return DeviceConfig(env=env, sharing=shared)
 
 
 def decode_stored(stored: Mapping[str, object]) -> DeviceConfig:
@@ -107,10 +119,13 @@ def decode_all(entries: Iterable[ConfigEntry], driver: str) -> list[Decoded]:
 
 
 def effective(decoded: Iterable[Decoded], result: AllocationResult) -> DeviceConfig:
-    """Merge the configs that apply to one result; later entries win field by field."""
+    """Merge the configs that apply to one result; later entries win field by field, and a
+    later `sharing` section replaces an earlier one whole (its fields only make sense together)."""
     env: dict[str, str] = {}
+    shared: SharingConfig | None = None
     for item in decoded:
         requests = item.entry.requests
         if not requests or result.request in requests or result.base_request in requests:
             env.update(item.config.env)
-    return DeviceConfig(env=env)
+            shared = item.config.sharing or shared
+    return DeviceConfig(env=env, sharing=shared)

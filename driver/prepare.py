@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from driver import cdi, claims, crashpoints, durable, opaque
-from driver.backends import Partitioner
+from driver import cdi, claims, crashpoints, durable, opaque, sharing
+from driver.backends import Partitioner, Sharer, SharingController
 from driver.checkpoint import (
     Checkpoint,
     CheckpointCorrupt,
@@ -30,10 +30,11 @@ from driver.checkpoint import (
 )
 from driver.claims import MAX_LABEL, AllocatedClaim, AllocationResult, ClaimRef, shown
 from driver.deadlines import Deadline
-from driver.errors import ClaimError, ConfigError, StorageError, UnidraError
+from driver.errors import BackendUnavailable, ClaimError, ConfigError, StorageError, UnidraError
 from driver.inventory import Inventory
 from driver.locks import FileLocks
-from driver.model import ContainerEdits, Device, Partition
+from driver.model import COMPUTE_UNITS, ContainerEdits, Device, Partition, Sharing, Strategy
+from driver.sharing import Holding
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,18 @@ class Plan:
 
     devices: tuple[PreparedDevice, ...]
     spec: dict[str, object]
+    # The allocated devices and partitions by name, for the conflict check.
+    items: dict[str, Device | Partition] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Configured:
+    """One allocation result with its effective config and the sharing it will be prepared with."""
+
+    result: AllocationResult
+    config: opaque.DeviceConfig
+    sharing: Sharing | None = None
+    used: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +148,7 @@ class Preparer:
             if ref.uid in checkpoint.claims:  # a concurrent call for the same claim won
                 return checkpoint.claims[ref.uid].devices
             # Refuse early, before writing anything; checked again when recording.
-            self._check_conflicts(checkpoint, ref, plan.devices)
+            self._check_conflicts(checkpoint, ref, plan)
             started = timings.mark("conflict_check", started)
             path = cdi.spec_path(self.cdi_root, self.driver, ref.uid)
             cdi.write_spec(path, plan.spec)
@@ -143,7 +156,7 @@ class Preparer:
             crashpoints.hit("prepare-after-cdi")
             try:
                 with self.store.update() as checkpoint:
-                    self._check_conflicts(checkpoint, ref, plan.devices)
+                    self._check_conflicts(checkpoint, ref, plan)
                     checkpoint.claims[ref.uid] = PreparedClaim(
                         uid=ref.uid,
                         namespace=ref.namespace,
@@ -151,9 +164,14 @@ class Preparer:
                         devices=plan.devices,
                         consumers=claim.reserved_for,
                     )
+                    # Under the checkpoint lock, so the last share of a device unprepared at
+                    # the same time cannot tear down what this one needs. Failing here records
+                    # nothing.
+                    self._apply_sharing(checkpoint, _shared_devices(plan.devices), strict=True)
             except Exception:
-                # Not recorded (another claim took the device meanwhile, or the disk refused):
-                # kubelet gets an error, so no spec may stay behind to be found by a container.
+                # Not recorded (another claim took the device meanwhile, sharing could not be set
+                # up, or the disk refused): kubelet gets an error, so no spec may stay behind to
+                # be found by a container.
                 if not self._maybe_recorded(ref.uid):
                     self._remove_unrecorded(ref, path)
                 raise
@@ -175,18 +193,43 @@ class Preparer:
         deadline.check(f"unpreparing claim {ref}")
         with self.locks.claim(ref.uid, timeout=deadline.remaining()):
             with self.store.update() as checkpoint:
-                known = checkpoint.claims.pop(ref.uid, None) is not None
+                entry = checkpoint.claims.pop(ref.uid, None)
+                known = entry is not None
+                if entry is not None:
+                    # The other shares of a device keep it as it is; the last one releases it.
+                    self._apply_sharing(checkpoint, _shared_devices(entry.devices), strict=False)
             crashpoints.hit("unprepare-after-record-removed")
             removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
         if known or removed:
             log.info("Unprepared claim", extra={"claim": str(ref), "uid": ref.uid})
 
     def plan(self, claim: AllocatedClaim) -> Plan:
-        """Devices, config and the CDI spec for a claim; pure apart from reading the inventory."""
+        """Devices, config, sharing and the CDI spec for a claim; pure apart from reading the
+        inventory and, for compute-unit masks, the checkpoint."""
         results = claims.results_for(claim, self.driver, self.pool)
         decoded = opaque.decode_all(claim.config, self.driver)
-        configured = [(result, opaque.effective(decoded, result)) for result in results]
+        inventory = self.inventory()
+        configured = [
+            self._configure(inventory, result, opaque.effective(decoded, result))
+            for result in results
+        ]
+        configured = self._with_units(inventory, configured)
+        _check_one_limited_device(configured)
         return self._render(claim.ref.uid, configured)
+
+    def reconcile_sharing(self) -> None:
+        """Bring every device whose sharing needs setting up into the state its prepared
+        allocations need: restart a dead MPS daemon, stop one nobody needs (also after a restart)."""
+        inventory = self.inventory()
+        names = [
+            d.name
+            for d in inventory.devices
+            if isinstance(inventory.backend_of(d), SharingController)
+        ]
+        if not names:
+            return
+        with self.store.update() as checkpoint:
+            self._apply_sharing(checkpoint, names, strict=False)
 
     def recover(self) -> RecoveryReport:
         """Repair state after a crash or reboot; run once at start before serving kubelet."""
@@ -226,6 +269,7 @@ class Preparer:
                     with self.locks.try_claim(uid) as free:
                         if free and durable.remove(path):
                             orphans.append(uid)
+        self.reconcile_sharing()
         report = RecoveryReport(
             rewritten=tuple(rewritten),
             orphans_removed=tuple(orphans),
@@ -236,21 +280,81 @@ class Preparer:
         _log_recovery(report)
         return report
 
-    def _render(
-        self, uid: str, configured: Sequence[tuple[AllocationResult, opaque.DeviceConfig]]
-    ) -> Plan:
+    def _configure(
+        self, inventory: Inventory, result: AllocationResult, config: opaque.DeviceConfig
+    ) -> Configured:
+        """The sharing one allocation runs under, from its consumed capacity and its config."""
+        used = sharing.consumed(dict(result.consumed), self.driver)
+        if result.admin_access:
+            return Configured(result, config, None, used)  # monitoring: nothing to set up
+        item = self._allocatable(inventory, result)
+        if isinstance(item, Partition):
+            if result.share_id is None and config.sharing is None:
+                return Configured(result, config, None, used)
+            # Partitions are not shared: their parent is, and a share of it is never a partition.
+            return Configured(
+                result,
+                config,
+                sharing.resolve(item.parent, None, config.sharing, result.share_id, used),
+                used,
+            )
+        support = inventory.sharing.get(item.name)
+        resolved = sharing.resolve(item, support, config.sharing, result.share_id, used)
+        return Configured(result, config, resolved, used)
+
+    def _with_units(self, inventory: Inventory, configured: list[Configured]) -> list[Configured]:
+        """Give compute-unit masks to shares of devices that split compute that way.
+
+        Units other claims hold come from the checkpoint as read now; the conflict check under
+        the lock catches a concurrent prepare that took the same ones.
+        """
+        taken: dict[str, set[int]] = {}
+        out = []
+        for item in configured:
+            support = inventory.sharing.get(item.result.device)
+            device = inventory.get(item.result.device)
+            if (
+                item.sharing is None
+                or not item.sharing.compute_units
+                or support is None
+                or device is None
+                or not support.unit_masks
+            ):
+                out.append(item)
+                continue
+            if not taken:
+                for claim in self.store.read().claims.values():
+                    for held in claim.devices:
+                        if held.sharing is not None:
+                            taken.setdefault(held.device, set()).update(held.sharing.units)
+            busy = taken.setdefault(device.name, set())
+            units = sharing.assign_units(
+                sharing.total(device, COMPUTE_UNITS), item.sharing.compute_units, busy
+            )
+            busy.update(units)
+            out.append(
+                Configured(item.result, item.config, _replace_units(item.sharing, units), item.used)
+            )
+        return out
+
+    def _render(self, uid: str, configured: Sequence[Configured]) -> Plan:
         inventory = self.inventory()
         prepared: list[PreparedDevice] = []
         cdi_devices: dict[str, cdi.CdiDevice] = {}
         by_backend: dict[str, list[Device]] = {}
-        for result, config in configured:
+        items: dict[str, Device | Partition] = {}
+        for entry in configured:
+            result, config = entry.result, entry.config
             item = self._allocatable(inventory, result)
+            items[item.name] = item
             device = item.parent if isinstance(item, Partition) else item
             backend = inventory.backend_of(device)
             if isinstance(item, Partition) and isinstance(backend, Partitioner):
                 own = backend.partition_edits(item)
             else:
                 own = backend.device_edits(device)
+            if entry.sharing is not None and isinstance(backend, Sharer):
+                own = own.merged([backend.sharing_edits(device, entry.sharing)])
             edits = self._device_edits(own, config, result)
             name = cdi.device_name(uid, item.name, result.share_id)
             cdi_devices[name] = cdi.CdiDevice(name, edits)
@@ -264,13 +368,15 @@ class Preparer:
                     admin_access=result.admin_access,
                     share_id=result.share_id,
                     config=config.to_json(),
+                    consumed=entry.used,
+                    sharing=entry.sharing,
                 )
             )
         shared = ContainerEdits().merged(
             inventory.backends[name].shared_edits(devices) for name, devices in by_backend.items()
         )
         spec = cdi.build_claim_spec(self.driver, list(cdi_devices.values()), shared)
-        return Plan(devices=tuple(prepared), spec=spec)
+        return Plan(devices=tuple(prepared), spec=spec, items=items)
 
     def _allocatable(self, inventory: Inventory, result: AllocationResult) -> Device | Partition:
         item = inventory.allocatable(result.device)
@@ -299,24 +405,62 @@ class Preparer:
             extra.append(ContainerEdits(env=(ADMIN_ACCESS_ENV,)))
         return own.merged(extra)
 
-    def _check_conflicts(
-        self, checkpoint: Checkpoint, ref: ClaimRef, devices: Sequence[PreparedDevice]
-    ) -> None:
-        wanted = {(d.pool, d.device) for d in devices if d.exclusive}
+    def _check_conflicts(self, checkpoint: Checkpoint, ref: ClaimRef, plan: Plan) -> None:
+        """Refuse a device another claim holds exclusively, an exclusive allocation of a shared
+        device, shares beyond the device's capacity, and shares that disagree on the strategy."""
+        mine: dict[str, list[Holding]] = {}
+        for device in plan.devices:
+            mine.setdefault(device.device, []).append(_holding(str(ref), device))
+        others: dict[str, list[Holding]] = {}
         for other in checkpoint.claims.values():
             if other.uid == ref.uid:
                 continue
+            label = f"{other.namespace}/{other.name} (UID {other.uid})"
             for device in other.devices:
-                if device.exclusive and (device.pool, device.device) in wanted:
-                    raise ClaimError(
-                        f"device {device.device} is already prepared for claim {other.namespace}/{other.name} "
-                        f"(UID {other.uid}); it is unprepared when that claim's pods are gone"
-                    )
+                if device.device in mine and device.pool == self.pool:
+                    others.setdefault(device.device, []).append(_holding(label, device))
+        for name, wanted in mine.items():
+            problem = sharing.conflict(plan.items[name], others.get(name, []), wanted)
+            if problem:
+                raise ClaimError(f"{problem}; it is unprepared when that claim's pods are gone")
+
+    def _apply_sharing(self, checkpoint: Checkpoint, names: Sequence[str], strict: bool) -> None:
+        """Set up (or release) each named device for the allocations the checkpoint holds on it.
+
+        Strict (prepare): a device that cannot be set up fails the claim. Otherwise (unprepare,
+        reconcile) the failure is logged and the next reconcile tries again.
+        """
+        inventory = self.inventory()
+        for name in names:
+            device = inventory.get(name)
+            backend = inventory.backend_of(device) if device is not None else None
+            if device is None or not isinstance(backend, SharingController):
+                continue
+            holdings = [
+                _holding(claim.uid, held)
+                for claim in checkpoint.claims.values()
+                for held in claim.devices
+                if held.device == name and held.pool == self.pool
+            ]
+            if any(h.unknown for h in holdings):
+                # Rebuilt from CDI specs: how the device is shared is not known, so whatever
+                # runs on it (an MPS daemon) stays until those shares are unprepared.
+                continue
+            state = sharing.device_state(h.sharing for h in holdings)
+            try:
+                backend.apply_sharing(device, state)
+            except BackendUnavailable as err:
+                if strict:
+                    raise ClaimError(f"cannot set up sharing of device {name}: {err}") from err
+                log.error(
+                    "Cannot bring a shared device into the state its claims need",
+                    extra={"device": name, "state": str(state), "reason": str(err)},
+                )
 
     def _restore_spec(self, entry: PreparedClaim, path: Path) -> bool:
         """Rewrite a completed claim's CDI spec if it is missing or differs (e.g. /var/run was wiped by a reboot)."""
         configured = [
-            (
+            Configured(
                 AllocationResult(
                     request=d.request,
                     driver=self.driver,
@@ -326,6 +470,8 @@ class Preparer:
                     share_id=d.share_id,
                 ),
                 opaque.decode_stored(d.config),
+                d.sharing,
+                dict(d.consumed),
             )
             for d in entry.devices
         ]
@@ -413,6 +559,42 @@ class Preparer:
     def _check_uid(ref: ClaimRef) -> None:
         if not cdi.valid_claim_uid(ref.uid):
             raise ClaimError(f"claim {ref} has an invalid UID {ref.shown_uid!r}")
+
+
+def _holding(claim: str, device: PreparedDevice) -> Holding:
+    return Holding(claim, device.share_id, device.admin_access, device.consumed, device.sharing)
+
+
+def _shared_devices(devices: Sequence[PreparedDevice]) -> list[str]:
+    return sorted({d.device for d in devices if d.sharing is not None or d.share_id is not None})
+
+
+def _replace_units(current: Sharing, units: tuple[int, ...]) -> Sharing:
+    return Sharing(
+        current.strategy, current.interval, current.memory_bytes, current.compute_units, units
+    )
+
+
+def _check_one_limited_device(configured: Sequence[Configured]) -> None:
+    """Per-process sharing (an MPS daemon, a CU mask) reaches a process through its environment,
+    which calls its GPU device 0 and names one MPS daemon: a claim may use it on one GPU."""
+    limited = sorted(
+        {
+            c.result.device
+            for c in configured
+            if c.sharing and (c.sharing.strategy is Strategy.MPS or c.sharing.units)
+        }
+    )
+    if len(limited) < 2:
+        return
+    problem = (
+        f"per-process sharing (MPS, CU masks) applies to one GPU per claim, but this claim holds "
+        f"{', '.join(limited)}; use one claim per GPU"
+    )
+    config = next((c.config.sharing for c in configured if c.config.sharing is not None), None)
+    if config is not None:
+        raise ConfigError(f"{config.path}.strategy", problem)
+    raise ClaimError(problem)
 
 
 def _split_cdi_name(rest: str, device_names: set[str]) -> tuple[str, str | None]:

@@ -117,6 +117,7 @@ def comparable(spec: Mapping[str, Any]) -> dict[str, Any]:
     for device in result.get("devices") or []:
         for capacity in (device.get("capacity") or {}).values():
             capacity["value"] = str(quantities.parse(str(capacity["value"])))
+            _exact_policy(capacity.get("requestPolicy") or {})
         for consumption in device.get("consumesCounters") or []:
             _exact(consumption.get("counters") or {})
         for taint in device.get("taints") or []:
@@ -129,6 +130,16 @@ def comparable(spec: Mapping[str, Any]) -> dict[str, Any]:
 def _exact(counters: Mapping[str, Any]) -> None:
     for counter in counters.values():
         counter["value"] = str(quantities.parse(str(counter["value"])))
+
+
+def _exact_policy(policy: dict[str, Any]) -> None:
+    """A capacity's request policy (consumable capacity) with its quantities as exact numbers."""
+    if "default" in policy:
+        policy["default"] = str(quantities.parse(str(policy["default"])))
+    if "validValues" in policy:
+        policy["validValues"] = [str(quantities.parse(str(v))) for v in policy["validValues"]]
+    for key, value in (policy.get("validRange") or {}).items():
+        policy["validRange"][key] = str(quantities.parse(str(value)))
 
 
 def _consumes(spec: Mapping[str, Any]) -> bool:

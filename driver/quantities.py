@@ -28,6 +28,14 @@ def canonical(value: int) -> str:
     return f"{value}{suffixes[exponent]}"
 
 
+def binary(value: int) -> str:
+    """Bytes for people: `30Gi`, `1536Mi`, or plain bytes when no binary unit divides them."""
+    for suffix, power in sorted(_BINARY.items(), key=lambda item: -item[1]):
+        if value and value % (1 << power) == 0:
+            return f"{value >> power}{suffix}"
+    return str(value)
+
+
 def parse(text: str) -> Fraction:
     """The exact value of a quantity string; ValueError if it is not one."""
     match = _QUANTITY.match(text.strip())

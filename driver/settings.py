@@ -12,6 +12,8 @@ from pathlib import Path
 
 from driver.errors import ConfigError
 from driver.health import parse_policy
+from driver.sharing import SharingPolicy
+from driver.sharing import parse_policy as parse_sharing
 
 DEFAULT_DRIVER_NAME = "unidra.dev"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -33,8 +35,13 @@ class Settings:
     backend_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # Publish partitionable devices (KEP-4815, Kubernetes 1.35+ layout); beta and on only from 1.36.
     partitions: bool = False
+    # Publish devices as shareable (consumable capacity, KEP-5075; beta and on from 1.36),
+    # narrowed per backend by its `sharing` option (docs/sharing.md).
+    sharing: bool = False
     # How often devices are rediscovered, so hot-plugged or removed devices reach the slices.
     rediscover_seconds: float = 60.0
+    # How often shared devices are checked against their claims (a dead MPS daemon restarted).
+    sharing_check_seconds: float = 5.0
     # Prometheus endpoint, host:port; empty disables it. 9464 is OpenTelemetry's Prometheus port.
     metrics_address: str = ":9464"
     metrics_interval_seconds: float = 10.0
@@ -61,6 +68,10 @@ class Settings:
         return self.plugins_dir / self.driver_name
 
     @property
+    def sharing_policy(self) -> SharingPolicy:
+        return parse_sharing(self.sharing, self.backend_options)
+
+    @property
     def pool_name(self) -> str:
         """One pool per node, named after the node."""
         return self.node_name
@@ -85,6 +96,7 @@ class Settings:
                 "--metrics-address", f"{self.metrics_address!r} is not HOST:PORT or :PORT"
             )
         parse_policy(self.taint_effects)
+        parse_sharing(self.sharing, self.backend_options)
         if self.healthcheck_port is not None and not 0 <= self.healthcheck_port < 65536:
             raise ConfigError("--healthcheck-port", f"{self.healthcheck_port} is not a TCP port")
         for flag, seconds in (

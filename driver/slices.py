@@ -54,7 +54,8 @@ def describe(
     devices: list[dict[str, Any]] = []
     counter_sets: list[dict[str, Any]] = []
     for device in inventory.devices:
-        entry = attributes.describe_device(device)
+        shared = inventory.sharing.get(device.name) if device.name in inventory.shareable else None
+        entry = attributes.describe_device(device, shared)
         layout = inventory.layouts.get(device.name)
         if layout is not None:
             set_name = counter_set_name(device.name)

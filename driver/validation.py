@@ -8,10 +8,12 @@ ResourceSlice controller makes, since the API server cannot see across slices.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from driver import quantities
 from driver.errors import UnidraError
 
 MAX_DEVICES = 128
@@ -23,6 +25,7 @@ MAX_TAINTS = 4
 MAX_COUNTER_SETS = 8
 MAX_COUNTERS = 32
 MAX_CONSUMPTIONS = 2
+MAX_VALID_VALUES = 10
 TAINT_EFFECTS = ("NoSchedule", "NoExecute", "None")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -149,12 +152,18 @@ def _device_problems(device: Mapping[str, Any], label: str) -> list[str]:
     for key, value in attributes.items():
         problems += _qualified_name_problems(key, f"{label}.attributes[{key!r}]")
         problems += _attribute_problems(value, f"{label}.attributes[{key!r}]")
+    shareable = device.get("allowMultipleAllocations") is True
     for key, value in capacity.items():
         problems += _qualified_name_problems(key, f"{label}.capacity[{key!r}]")
         if not _QUANTITY.match(str(value.get("value", ""))):
             problems.append(
                 f"{label}.capacity[{key!r}].value: {value.get('value')!r} is not a quantity"
             )
+        elif "requestPolicy" in value:
+            where = f"{label}.capacity[{key!r}].requestPolicy"
+            if not shareable:
+                problems.append(f"{where}: allowMultipleAllocations must be true")
+            problems += _policy_problems(value["requestPolicy"], str(value["value"]), where)
     taints = device.get("taints") or []
     if len(taints) > MAX_TAINTS:
         problems.append(f"{label}.taints: {len(taints)} taints; at most {MAX_TAINTS}")
@@ -172,6 +181,46 @@ def _device_problems(device: Mapping[str, Any], label: str) -> list[str]:
         seen.add(set_name)
         problems += _name_problems(set_name, f"{where}.counterSet")
         problems += _counter_problems(consumption.get("counters") or {}, f"{where}.counters")
+    return problems
+
+
+def _policy_problems(policy: Mapping[str, Any], capacity: str, where: str) -> list[str]:
+    """A consumable capacity's request policy: a default, and valid values or a valid range."""
+    texts = [policy.get("default"), *policy.get("validValues", [])]
+    texts += list((policy.get("validRange") or {}).values())
+    bad = [t for t in texts if t is not None and not _QUANTITY.match(str(t))]
+    if bad:
+        return [f"{where}: {bad[0]!r} is not a quantity"]
+    value = quantities.parse(capacity)
+    default = quantities.parse(str(policy["default"])) if "default" in policy else None
+    problems = []
+    if default is not None and default > value:
+        problems.append(
+            f"{where}.default: {policy['default']} is more than the capacity {capacity}"
+        )
+    if "validValues" in policy and "validRange" in policy:
+        problems.append(f"{where}: only one of validValues and validRange may be set")
+    if "validValues" in policy:
+        values = [quantities.parse(str(v)) for v in policy["validValues"]]
+        if not values or len(values) > MAX_VALID_VALUES:
+            problems.append(f"{where}.validValues: 1 to {MAX_VALID_VALUES} values are allowed")
+        if any(b <= a for a, b in itertools.pairwise(values)):
+            problems.append(f"{where}.validValues: must be in ascending order without repeats")
+        if default is not None and default not in values:
+            problems.append(f"{where}.validValues: must contain the default")
+    span = policy.get("validRange")
+    if span is not None:
+        if "min" not in span:
+            problems.append(f"{where}.validRange.min: is required")
+            return problems
+        low = quantities.parse(str(span["min"]))
+        high = quantities.parse(str(span["max"])) if "max" in span else value
+        if high < low:
+            problems.append(f"{where}.validRange: max is less than min")
+        if "step" in span and quantities.parse(str(span["step"])) <= 0:
+            problems.append(f"{where}.validRange.step: must be positive")
+        if default is not None and not low <= default <= high:
+            problems.append(f"{where}.default: must lie within validRange")
     return problems
 
 

@@ -40,7 +40,7 @@ CONFIGS: list[tuple[str, Any]] = [
     ("no apiVersion", {"kind": "DeviceConfig"}),
     ("wrong kind", {**GOOD, "kind": "GpuConfig"}),
     ("no kind", {"apiVersion": GOOD["apiVersion"]}),
-    ("unknown field", {**GOOD, "sharing": {"strategy": "TimeSlicing"}}),
+    ("unknown field", {**GOOD, "share": {"strategy": "TimeSlicing"}}),
     ("typo of env", {**GOOD, "envs": {"A": "b"}}),
     ("env is a list", {**GOOD, "env": ["A=b"]}),
     ("env is a string", {**GOOD, "env": "A=b"}),
@@ -59,10 +59,48 @@ CONFIGS: list[tuple[str, Any]] = [
     ("value too long", {**GOOD, "env": {"A": "x" * 1025}}),
     ("not an object", ["DeviceConfig"]),
     ("a string", "DeviceConfig"),
+    # The sharing section (docs/sharing.md).
+    ("MPS", {**GOOD, "sharing": {"strategy": "MPS"}}),
+    ("Exclusive", {**GOOD, "sharing": {"strategy": "Exclusive"}}),
+    ("time-slicing", {**GOOD, "sharing": {"strategy": "TimeSlicing"}}),
+    ("a long time slice", {**GOOD, "sharing": {"strategy": "TimeSlicing", "interval": "Long"}}),
+    (
+        "MPS limits",
+        {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": "20Gi", "computeUnits": 33}}},
+    ),
+    ("a plain byte limit", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": "1000"}}}),
+    ("a CU mask", {**GOOD, "sharing": {"strategy": "TimeSlicing", "limits": {"computeUnits": 8}}}),
+    ("no strategy", {**GOOD, "sharing": {}}),
+    ("unknown strategy", {**GOOD, "sharing": {"strategy": "Shared"}}),
+    ("strategy in lower case", {**GOOD, "sharing": {"strategy": "mps"}}),
+    ("strategy a number", {**GOOD, "sharing": {"strategy": 1}}),
+    ("sharing is null", {**GOOD, "sharing": None}),
+    ("sharing is a string", {**GOOD, "sharing": "MPS"}),
+    ("sharing unknown field", {**GOOD, "sharing": {"strategy": "MPS", "mode": "x"}}),
+    ("interval with MPS", {**GOOD, "sharing": {"strategy": "MPS", "interval": "Short"}}),
+    ("unknown interval", {**GOOD, "sharing": {"strategy": "TimeSlicing", "interval": "Fast"}}),
+    ("limits when Exclusive", {**GOOD, "sharing": {"strategy": "Exclusive", "limits": {}}}),
+    ("limits null", {**GOOD, "sharing": {"strategy": "MPS", "limits": None}}),
+    ("unknown limit", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"power": "100"}}}),
+    ("decimal units", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": "20GB"}}}),
+    ("zero memory", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": "0Gi"}}}),
+    ("memory a number", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": 20}}}),
+    ("fractional memory", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"memory": "1.5Gi"}}}),
+    (
+        "memory without MPS",
+        {**GOOD, "sharing": {"strategy": "TimeSlicing", "limits": {"memory": "20Gi"}}},
+    ),
+    ("zero compute", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"computeUnits": 0}}}),
+    ("compute a string", {**GOOD, "sharing": {"strategy": "MPS", "limits": {"computeUnits": "8"}}}),
+    (
+        "compute a fraction",
+        {**GOOD, "sharing": {"strategy": "MPS", "limits": {"computeUnits": 1.5}}},
+    ),
 ]
 
 
 def driver_accepts(parameters: Any) -> bool:
+    """Whether the driver's decoder takes the config (vendor rules wait for the device: below)."""
     try:
         opaque.decode(parameters, "parameters")
     except ConfigError:
@@ -70,15 +108,22 @@ def driver_accepts(parameters: Any) -> bool:
     return True
 
 
-def claim_request(kind: str, configs: list[dict[str, Any]]) -> dict[str, Any]:
-    devices = {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.unidra.dev"}}]}
+def claim_request(
+    kind: str,
+    configs: list[dict[str, Any]],
+    requests: list[dict[str, Any]] | None = None,
+    name: str = "x",
+) -> dict[str, Any]:
+    devices = {
+        "requests": requests or [{"name": "gpu", "exactly": {"deviceClassName": "gpu.unidra.dev"}}]
+    }
     if kind == "ResourceClaim":
         obj: dict[str, Any] = {"spec": {"devices": {**devices, "config": configs}}}
     elif kind == "ResourceClaimTemplate":
         obj = {"spec": {"spec": {"devices": {**devices, "config": configs}}}}
     else:
         obj = {"spec": {"selectors": [], "config": configs}}
-    obj["metadata"] = {"name": "x", "namespace": "default"}
+    obj["metadata"] = {"name": name, "namespace": "default"}
     return {
         "operation": "CREATE",
         "kind": {"group": "resource.k8s.io", "version": "v1", "kind": kind},
@@ -124,6 +169,95 @@ def test_the_denial_says_what_is_wrong() -> None:
         "DeviceConfig env names must match [A-Za-z_][A-Za-z0-9_]*, have at most 128 characters, "
         "and not start with UNIDRA_ or DRA_",
     )
+
+
+def sharing(strategy: str, **more: Any) -> dict[str, Any]:
+    return opaque_entry({**GOOD, "sharing": {"strategy": strategy, **more}})
+
+
+def exactly(name: str, device_class: str) -> dict[str, Any]:
+    return {"name": name, "exactly": {"deviceClassName": device_class}}
+
+
+VENDOR_CASES = [
+    # (what, configs, requests, allowed)
+    ("MPS on NVIDIA", [sharing("MPS")], [exactly("gpu", "nvidia.unidra.dev")], True),
+    ("MPS on any GPU", [sharing("MPS")], [exactly("gpu", "gpu.unidra.dev")], True),
+    ("MPS on AMD", [sharing("MPS")], [exactly("gpu", "amd.unidra.dev")], False),
+    ("MPS on Intel", [sharing("MPS")], [exactly("gpu", "intel.unidra.dev")], False),
+    (
+        "a time slice on AMD",
+        [sharing("TimeSlicing", interval="Short")],
+        [exactly("gpu", "amd.unidra.dev")],
+        False,
+    ),
+    ("time-slicing on AMD", [sharing("TimeSlicing")], [exactly("gpu", "amd.unidra.dev")], True),
+    ("time-slicing an NPU", [sharing("TimeSlicing")], [exactly("npu", "npu.unidra.dev")], False),
+    ("time-slicing a TPU", [sharing("TimeSlicing")], [exactly("tpu", "google.unidra.dev")], False),
+    ("sharing a partition", [sharing("MPS")], [exactly("mig", "partition.unidra.dev")], False),
+    ("a Gaudi exclusively", [sharing("Exclusive")], [exactly("hpu", "hpu.unidra.dev")], True),
+    (
+        "config for the NVIDIA request only",
+        [{**sharing("MPS"), "requests": ["gpu"]}],
+        [exactly("gpu", "nvidia.unidra.dev"), exactly("npu", "npu.unidra.dev")],
+        True,
+    ),
+    (
+        "config for every request",
+        [sharing("MPS")],
+        [exactly("gpu", "nvidia.unidra.dev"), exactly("npu", "npu.unidra.dev")],
+        False,
+    ),
+    (
+        "a subrequest of another vendor",
+        [{**sharing("MPS"), "requests": ["gpu/amd"]}],
+        [
+            {
+                "name": "gpu",
+                "firstAvailable": [
+                    {"name": "nv", "deviceClassName": "nvidia.unidra.dev"},
+                    {"name": "amd", "deviceClassName": "amd.unidra.dev"},
+                ],
+            }
+        ],
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "configs", "requests", "allowed"), VENDOR_CASES, ids=[c[0] for c in VENDOR_CASES]
+)
+@pytest.mark.parametrize("kind", ["ResourceClaim", "ResourceClaimTemplate"])
+def test_sharing_fits_the_vendor_of_the_device_class(
+    what: str,
+    configs: list[dict[str, Any]],
+    requests: list[dict[str, Any]],
+    allowed: bool,
+    kind: str,
+) -> None:
+    verdict = admission.evaluate(
+        policy("admission-opaque-config.yaml"), claim_request(kind, configs, requests)
+    )
+    assert verdict.allowed == allowed, verdict.denials
+    if not allowed:
+        assert verdict.denials[0].startswith("DeviceConfig sharing does not fit the DeviceClass")
+
+
+@pytest.mark.parametrize(
+    ("name", "strategy", "allowed"),
+    [
+        ("nvidia.unidra.dev", "MPS", True),
+        ("amd.unidra.dev", "MPS", False),
+        ("amd.unidra.dev", "TimeSlicing", True),
+        ("tpu.unidra.dev", "TimeSlicing", False),
+        ("tpu.unidra.dev", "Exclusive", True),
+    ],
+)
+def test_a_device_class_config_fits_the_class(name: str, strategy: str, allowed: bool) -> None:
+    request = claim_request("DeviceClass", [sharing(strategy)], name=name)
+    verdict = admission.evaluate(policy("admission-opaque-config.yaml"), request)
+    assert verdict.allowed == allowed, verdict.denials
 
 
 def slice_request(

@@ -26,7 +26,14 @@ def run(script: str, *args: str) -> str:
 def test_bench_reports_every_scenario() -> None:
     report = json.loads(run("bench", "--quick", "--rounds", "4", "--concurrency", "2"))
     claims = report["claims"]
-    for scenario in ("1x1_sequential", "1x8_sequential", "1x1_2_callers", "1x8_2_callers"):
+    for scenario in (
+        "1x1_sequential",
+        "1x8_sequential",
+        "1share_sequential",
+        "1x1_2_callers",
+        "1x8_2_callers",
+        "1share_2_callers_2_gpus",
+    ):
         assert claims[scenario]["prepare"]["n"] == 4
         assert set(claims[scenario]["phases_mean_ms"]) >= {"claim_get", "cdi_write"}
     assert report["pool_dgx_h100_partitions"]["devices"] == 208

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from driver import inventory, slices
+from driver import inventory, sharing, slices
 from driver.backends import BackendContext
 from support import dra_cel
 from vendors.simulated import SimulatedBackend
@@ -24,9 +24,10 @@ CLASSES = {
 }
 
 
-def published(profile: str, partitions: bool = False) -> list[dict]:
+def published(profile: str, partitions: bool = False, shared: bool = False) -> list[dict]:
     backend = SimulatedBackend(BackendContext(node_name="node-a", options={"profile": profile}))
-    contents = slices.build(inventory.discover([backend], partitions=partitions))
+    policy = sharing.parse_policy(shared, {})
+    contents = slices.build(inventory.discover([backend], partitions=partitions, policy=policy))
     return [d for c in contents for d in c.devices]
 
 
@@ -35,9 +36,10 @@ def example(name: str) -> dict:
     return document["spec"]["spec"]
 
 
-def chosen(name: str, profile: str, partitions: bool = False) -> set[str]:
+def chosen(name: str, profile: str, partitions: bool = False, shared: bool = False) -> set[str]:
     """Every device that appears in at least one valid allocation of the example claim."""
-    found = dra_cel.allocations(example(name), CLASSES, published(profile, partitions), DRIVER)
+    devices = published(profile, partitions, shared)
+    found = dra_cel.allocations(example(name), CLASSES, devices, DRIVER)
     return {device for allocation in found for group in allocation.values() for device in group}
 
 
@@ -55,6 +57,8 @@ def test_every_example_is_listed_here() -> None:
             "gpu-and-npu-same-numa.yaml",
             "any-fp8.yaml",
             "nvidia-driver-550.yaml",
+            "gpu-share-30gi.yaml",
+            "compute-share.yaml",
         ]
     )
 
@@ -125,6 +129,20 @@ def test_any_accelerator_with_fp8() -> None:
 def test_nvidia_driver_at_least_550() -> None:
     assert len(chosen("nvidia-driver-550.yaml", "dgx-h100")) == 8
     assert chosen("nvidia-driver-550.yaml", "mi300x") == set()
+
+
+def test_a_30gi_share_of_a_shareable_gpu() -> None:
+    assert len(chosen("gpu-share-30gi.yaml", "dgx-h100", shared=True)) == 8
+    assert chosen("gpu-share-30gi.yaml", "dgx-h100") == set()  # without --sharing: no shares
+    # Gaudi HPUs are never shared; the mixed node's GPUs are.
+    assert chosen("gpu-share-30gi.yaml", "gaudi3", shared=True) == set()
+    assert len(chosen("gpu-share-30gi.yaml", "mixed", shared=True)) == 5
+
+
+def test_a_compute_share_goes_only_where_compute_is_held() -> None:
+    assert len(chosen("compute-share.yaml", "mi300x", shared=True)) == 8  # CU masks
+    # A simulated NVIDIA GPU has no MPS: it time-slices, and offers no compute units.
+    assert chosen("compute-share.yaml", "dgx-h100", shared=True) == set()
 
 
 @pytest.mark.parametrize(

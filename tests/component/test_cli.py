@@ -116,6 +116,17 @@ def test_inspect_without_accelerators_lists_profiles(tmp_path: Path) -> None:
             ["kubelet-plugin", "--node-name", "n", "--taint-effect", "xid=Evict"],
             "--taint-effect: xid=Evict: the effect must be one of",
         ),
+        (
+            [
+                "kubelet-plugin",
+                "--node-name",
+                "n",
+                "--sharing",
+                "--backend-option",
+                "amd.sharing=|",
+            ],
+            "--backend-option: amd.sharing='|': expected off, all, or device models",
+        ),
     ],
 )
 def test_errors_are_one_line(args: list[str], message: str) -> None:
@@ -325,6 +336,7 @@ FLAGS = {
         "--host-root",
         "--simulate-dev-root",
         "--partitions",
+        "--sharing",
     ],
     "inspect": [
         "--simulate",
@@ -423,3 +435,32 @@ def test_no_value_of_any_variable_or_flag_gives_a_traceback(
     assert "Traceback" not in err.getvalue()
     if code == 2:
         assert len(err.getvalue().strip().splitlines()) == 1, (argv, env, err.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shared"),
+    [
+        ([], {}, 0),
+        (["--sharing"], {}, 8),
+        ([], {"UNIDRA_SHARING": "true"}, 8),
+        (["--sharing", "--backend-option", "simulated.sharing=*A100*"], {}, 0),
+        ([], {"UNIDRA_SHARING": "1", "UNIDRA_BACKEND_OPTIONS": "simulated.sharing=*h100*"}, 8),
+    ],
+    ids=["off", "flag", "env", "narrowed-away", "narrowed-to-h100"],
+)
+def test_inspect_slices_with_sharing(args: list[str], env: dict[str, str], shared: int) -> None:
+    run = unidra(
+        "inspect",
+        "--slices",
+        "--simulate",
+        "dgx-h100",
+        "-o",
+        "json",
+        "--node-name",
+        "n",
+        *args,
+        env={"UNIDRA_SHARING": "", **env},
+    )
+    assert run.returncode == 0, run.stderr
+    (item,) = json.loads(run.stdout)["items"]
+    assert sum(bool(d.get("allowMultipleAllocations")) for d in item["spec"]["devices"]) == shared

@@ -263,8 +263,14 @@ def test_shared_allocations_with_share_ids_coexist(running, node, api: FakeApiSe
         "11111111-2222-4333-8444-555555555555",
         "66666666-7777-4888-9999-000000000000",
     )
-    a = allocated_claim(api, "share-a", [result(GPU0, POOL, shareID=share_a)])
-    b = allocated_claim(api, "share-b", [result(GPU0, POOL, shareID=share_b)])
+    # As the 1.36 scheduler writes shares; a share without consumedCapacity holds the whole GPU.
+    used = {"memory": "30Gi", "computeUnits": "0"}
+    a = allocated_claim(
+        api, "share-a", [result(GPU0, POOL, shareID=share_a, consumedCapacity=used)]
+    )
+    b = allocated_claim(
+        api, "share-b", [result(GPU0, POOL, shareID=share_b, consumedCapacity=used)]
+    )
     answer = plugin.prepare([a, b])
     assert answer[a[2]].error == "" and answer[b[2]].error == ""
     assert answer[a[2]].devices[0]["shareID"] == share_a

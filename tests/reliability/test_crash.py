@@ -2,7 +2,8 @@
 
 After every restart the node's state must agree with itself and with what kubelet was told:
 every recorded claim has its CDI spec and no spec lacks a record; no device is held by two
-claims; a claim kubelet was told is prepared is still prepared, with the same answer; a claim
+claims, except by shares (consumable capacity) that together fit it and meet no exclusive
+holder; a claim kubelet was told is prepared is still prepared, with the same answer; a claim
 kubelet was told is unprepared is gone; and unpreparing everything always succeeds.
 """
 
@@ -19,11 +20,15 @@ import grpc
 from driver import cdi
 from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.kubelet import client as kubelet
-from support.claims import allocated_claim, result
+from support.claims import allocated_claim, result, share
 from support.processes import Process, checkpoint_claims
 from support.reliability import TALLY, budget
 
 GPUS = [f"gpu-0000-{bus}-00-0" for bus in ("1b", "43", "52", "61", "9d", "c3")]
+# Shared by 30Gi shares, two of which fit each; one exclusive claim wants the first one too.
+SHARED = ["gpu-0000-d1-00-0", "gpu-0000-df-00-0"]
+MEMORY = 85520809984  # of a simulated H100 80GB
+REFUSALS = ("already prepared for", "would use", "cannot join them")
 
 
 @dataclass
@@ -37,12 +42,18 @@ class Told:
 def test_random_kills_leave_consistent_state(node, api: FakeApiServer, processes) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(int(os.environ.get("UNIDRA_RELIABILITY_SEED", "20261128")))
     for round_ in range(budget("crash_rounds")):
-        # Ten claims over six GPUs: some prepares must be refused for exclusivity.
+        # Ten claims over six GPUs: some prepares must be refused for exclusivity. Six 30Gi
+        # shares over two GPUs, and a whole claim of one of them: some must be refused for room.
         claims = [
             allocated_claim(api, f"r{round_}-c{i}", [result(GPUS[i % len(GPUS)], "node-a")])
             for i in range(10)
         ]
-        daemon = Process(node)
+        claims += [
+            allocated_claim(api, f"r{round_}-s{i}", [share(SHARED[i % 2], "node-a", "30Gi")])
+            for i in range(6)
+        ]
+        claims.append(allocated_claim(api, f"r{round_}-w", [result(SHARED[0], "node-a")]))
+        daemon = Process(node, argv=[*node.argv(), "--sharing"])
         processes.append(daemon)
         plugin = daemon.wait_registered(node)
         told = {claim[2]: Told() for claim in claims}
@@ -55,7 +66,7 @@ def test_random_kills_leave_consistent_state(node, api: FakeApiServer, processes
         TALLY["crash: kills"] += 1
         TALLY["crash: calls before the kill"] += calls
 
-        restarted = Process(node)
+        restarted = Process(node, argv=[*node.argv(), "--sharing"])
         processes.append(restarted)
         plugin = restarted.wait_registered(node)
         check(node, plugin, claims, told)
@@ -85,7 +96,8 @@ def drive(
         for claim in batch:
             answer = answers[claim[2]]
             if answer.error:
-                assert not prepare or "already prepared for claim" in answer.error, answer.error
+                assert not prepare or any(r in answer.error for r in REFUSALS), answer.error
+                TALLY["crash: prepares refused (exclusive or full)"] += 1
                 continue  # refused: what kubelet knew before still holds
             told[claim[2]] = Told(prepared=prepare, answer=answer if prepare else None)
 
@@ -99,11 +111,17 @@ def check(
     recorded = checkpoint_claims(node)
     specs = cdi.claim_specs(node.cdi_root, "unidra.dev")
     assert set(recorded) == set(specs), "a record without its spec, or an orphan spec"
-    holders: dict[str, str] = {}
+    exclusive: dict[str, str] = {}
+    shared: dict[str, int] = {}
     for uid, claim in recorded.items():
         for device in claim.devices:
-            assert device.device not in holders, f"{device.device} held by two claims"
-            holders[device.device] = uid
+            if device.share_id is None:
+                assert device.device not in exclusive, f"{device.device} held by two claims"
+                exclusive[device.device] = uid
+            else:
+                shared[device.device] = shared.get(device.device, 0) + device.consumed["memory"]
+    assert not set(exclusive) & set(shared), "an exclusive claim next to shares"
+    assert all(used <= MEMORY for used in shared.values()), f"shares beyond a device: {shared}"
     for claim in claims:
         state = told[claim[2]]
         if state.prepared is True:

@@ -1,6 +1,8 @@
 """Damage on disk between runs: the checkpoint or a CDI spec truncated, emptied, overwritten with
 garbage, edited, or gone. The daemon starts anyway, says what it found, rebuilds what it can,
-and every claim can still be unprepared and prepared again."""
+and every claim can still be unprepared and prepared again. Two of the claims are shares of one
+GPU: a rebuilt share keeps its share ID, and holds its whole device until it is unprepared,
+because what it consumed is lost with the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import pytest
 
 from driver import cdi
 from driver.demo.apiserver import ApiServer as FakeApiServer
-from support.claims import allocated_claim, result
+from support.claims import allocated_claim, result, share
 from support.processes import checkpoint_claims
 from support.reliability import TALLY
 
 GPUS = ["gpu-0000-1b-00-0", "gpu-0000-43-00-0", "gpu-0000-52-00-0"]
+SHARED = "gpu-0000-61-00-0"
 Damage = Callable[[bytes], bytes]
 
 DAMAGE: dict[str, Damage] = {
@@ -33,14 +36,17 @@ def prepared_node(node, api: FakeApiServer) -> list[tuple[str, str, str]]:  # ty
     claims = [
         allocated_claim(api, f"kept-{i}", [result(gpu, "node-a")]) for i, gpu in enumerate(GPUS)
     ]
-    with node.serve() as (_, plugin):
+    claims += [
+        allocated_claim(api, f"share-{i}", [share(SHARED, "node-a", "30Gi")]) for i in (0, 1)
+    ]
+    with node.serve(sharing=True) as (_, plugin):
         for claim in claims:
             assert plugin.prepare([claim])[claim[2]].error == ""
     return claims
 
 
 def all_claims_still_work(node, claims, expect_recorded: bool = True) -> None:  # type: ignore[no-untyped-def]
-    with node.serve() as (_, plugin):
+    with node.serve(sharing=True) as (_, plugin):
         if expect_recorded:
             assert set(checkpoint_claims(node)) == {c[2] for c in claims}
         for claim in claims:
@@ -61,6 +67,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_rebuilt_from_the_cdi_specs(
     with caplog.at_level(logging.ERROR, logger="driver.prepare"):
         all_claims_still_work(node, claims)
     assert "Checkpoint is corrupt; moved aside and rebuilt from CDI specs" in caplog.text
+    # Every claim was prepared again, the two shares of one GPU included.
+    assert {d.device for c in checkpoint_claims(node).values() for d in c.devices} >= {SHARED}
     assert list(node.plugin_dir.glob("checkpoint.json.corrupt-*"))
     TALLY["disk: damaged checkpoints rebuilt"] += 1
 
@@ -76,7 +84,7 @@ def test_a_damaged_or_missing_cdi_spec_is_rewritten(
         spec.unlink()
     else:
         spec.write_bytes(DAMAGE[damage](good))
-    with caplog.at_level(logging.WARNING, logger="driver.prepare"), node.serve():
+    with caplog.at_level(logging.WARNING, logger="driver.prepare"), node.serve(sharing=True):
         assert spec.read_bytes() == good
     assert "Rewrote missing or stale CDI specs of prepared claims" in caplog.text
     all_claims_still_work(node, claims)
@@ -87,12 +95,14 @@ def test_checkpoint_and_a_spec_both_damaged(node, api: FakeApiServer) -> None:  
     claims = prepared_node(node, api)
     (node.plugin_dir / "checkpoint.json").write_bytes(b"\x00garbage")
     cdi.spec_path(node.cdi_root, "unidra.dev", claims[0][2]).write_bytes(b"{not json")
-    with node.serve() as (_, plugin):
+    with node.serve(sharing=True) as (_, plugin):
         # The unreadable spec cannot say which devices it held: it is dropped, not guessed.
         assert set(checkpoint_claims(node)) == {c[2] for c in claims[1:]}
         assert set(cdi.claim_specs(node.cdi_root, "unidra.dev")) == {c[2] for c in claims[1:]}
+        # Unprepared first: a rebuilt share holds its whole GPU until then.
         for claim in claims:
             assert plugin.unprepare([claim])[claim[2]].error == ""
+        for claim in claims:
             assert plugin.prepare([claim])[claim[2]].error == ""
     TALLY["disk: checkpoint and a spec damaged together"] += 1
 
@@ -108,3 +118,24 @@ def test_temporary_files_of_an_interrupted_write_are_removed(node, api: FakeApiS
     all_claims_still_work(node, claims)
     assert not any(leftover.exists() for leftover in leftovers)
     TALLY["disk: interrupted temporary files cleaned"] += 1
+
+
+def test_a_rebuilt_share_keeps_its_id_and_holds_its_device(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    before = checkpoint_claims(node)
+    (node.plugin_dir / "checkpoint.json").write_bytes(b"garbage")
+    late = allocated_claim(api, "late", [share(SHARED, "node-a", "1Gi")])
+    with node.serve(sharing=True) as (_, plugin):
+        rebuilt = checkpoint_claims(node)
+        for claim in claims[-2:]:
+            assert [d.share_id for d in rebuilt[claim[2]].devices] == [
+                d.share_id for d in before[claim[2]].devices
+            ]
+            assert [d.cdi_ids for d in rebuilt[claim[2]].devices] == [
+                d.cdi_ids for d in before[claim[2]].devices
+            ]
+        # What they consumed is lost: they hold the whole GPU until they are unprepared.
+        assert "would use" in plugin.prepare([late])[late[2]].error
+        assert all(plugin.unprepare([c])[c[2]].error == "" for c in claims[-2:])
+        assert plugin.prepare([late])[late[2]].error == ""
+    TALLY["disk: rebuilt shares kept"] += 1

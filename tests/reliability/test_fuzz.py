@@ -1,6 +1,9 @@
 """Random and malformed input never crashes the daemon or breaks its state.
 
-- opaque DeviceConfig and allocated-claim JSON: the decoders raise only their own errors;
+- opaque DeviceConfig (with its sharing section) and allocated-claim JSON (with share IDs and
+  consumed capacity): the decoders raise only their own errors;
+- random shares (share IDs, consumed capacity, sharing configs) prepared through the plugin:
+  per-claim errors, never an internal error, and the state stays sound;
 - NodePrepareResources/NodeUnprepareResources with random bytes and with random claim names,
   namespaces and UIDs: gRPC errors or per-claim errors, never an internal error, no file outside
   the driver's directories, and the daemon keeps serving;
@@ -26,7 +29,7 @@ from driver.claims import ClaimRef
 from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.errors import ClaimError, ConfigError
 from driver.kubelet.gen.dra.v1 import api_pb2
-from support.claims import allocated_claim, result
+from support.claims import allocated_claim, device_config, result
 from support.processes import checkpoint_claims
 from support.reliability import TALLY, budget
 
@@ -50,7 +53,14 @@ VALID_CLAIM: dict[str, Any] = {
         "allocation": {
             "devices": {
                 "results": [
-                    {"request": "gpu", "driver": "unidra.dev", "pool": "node-a", "device": "gpu-0"}
+                    {
+                        "request": "gpu",
+                        "driver": "unidra.dev",
+                        "pool": "node-a",
+                        "device": "gpu-0",
+                        "shareID": "3754b937-84d7-4c7e-8c8c-f8a1cc0301ec",
+                        "consumedCapacity": {"memory": "30Gi", "computeUnits": "0"},
+                    }
                 ],
                 "config": [
                     {
@@ -62,6 +72,7 @@ VALID_CLAIM: dict[str, Any] = {
                                 "apiVersion": opaque.API_VERSION,
                                 "kind": opaque.KIND,
                                 "env": {"A": "1"},
+                                "sharing": {"strategy": "MPS", "limits": {"memory": "20Gi"}},
                             },
                         },
                     }
@@ -73,6 +84,19 @@ VALID_CLAIM: dict[str, Any] = {
 }
 
 
+SHARING = st.fixed_dictionaries(
+    {},
+    optional={
+        "strategy": st.sampled_from(["Exclusive", "TimeSlicing", "MPS", "mps"]) | JSON,
+        "interval": st.sampled_from(["Default", "Short", "Long", "Fast"]) | JSON,
+        "limits": st.dictionaries(
+            st.sampled_from(["memory", "computeUnits", "power"]),
+            st.sampled_from(["20Gi", "0Gi", "1.5Gi", "1", 1, 0, 33]) | JSON,
+            max_size=3,
+        )
+        | JSON,
+    },
+)
 NEAR_VALID_CONFIG = st.fixed_dictionaries(
     {
         "apiVersion": st.sampled_from([opaque.API_VERSION, "resource.unidra.dev/v2"]),
@@ -80,7 +104,27 @@ NEAR_VALID_CONFIG = st.fixed_dictionaries(
     },
     optional={
         "env": st.dictionaries(TEXT, TEXT | JSON, max_size=40),
+        "sharing": SHARING | JSON,
         "extra": JSON,
+    },
+)
+SHARE_RESULT = st.fixed_dictionaries(
+    {
+        "request": st.just("gpu"),
+        "driver": st.just("unidra.dev"),
+        "pool": st.just("node-a"),
+        "device": st.sampled_from(["gpu-0000-1b-00-0", "gpu-0000-43-00-0", "gpu-0000-ff-00-0"]),
+    },
+    optional={
+        # Mostly what the scheduler writes, sometimes anything.
+        "shareID": st.one_of(st.uuids().map(str), st.uuids().map(str), TEXT | JSON),
+        "consumedCapacity": st.dictionaries(
+            st.sampled_from(["memory", "computeUnits", "unidra.dev/memory", "x"]),
+            st.sampled_from(["30Gi", "0", "33", "79Gi", "200Gi", "-1", "1.5", "lots"]),
+            max_size=3,
+        )
+        | JSON,
+        "adminAccess": st.booleans(),
     },
 )
 
@@ -185,6 +229,24 @@ def test_random_claim_references(
     assert all(a.error and "internal error" not in a.error for a in answers.values()), answers
     plugin.unprepare(refs)
     TALLY["fuzz: random claim references"] += len(refs)
+    assert_still_sound(node, plugin, api, watched)
+
+
+@EXAMPLES
+@given(
+    results=st.lists(SHARE_RESULT, min_size=1, max_size=3),
+    section=st.one_of(st.none(), st.none(), SHARING, JSON),
+)
+def test_random_shares_through_the_plugin(
+    running, node, api, watched, results: list[dict[str, Any]], section: Any
+) -> None:  # type: ignore[no-untyped-def]
+    _, plugin = running
+    config = [] if section is None else [device_config({"sharing": section})]
+    claim = allocated_claim(api, f"share-{len(api.requests)}", results, config=config)
+    answer = plugin.prepare([claim])[claim[2]]
+    assert "internal error" not in answer.error, answer.error
+    TALLY["fuzz: random shares " + ("refused" if answer.error else "prepared")] += 1
+    assert plugin.unprepare([claim])[claim[2]].error == ""
     assert_still_sound(node, plugin, api, watched)
 
 

@@ -6,6 +6,7 @@ message or messageExpression, and the `object`, `oldObject` and `request` bindin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,15 @@ def evaluate(policy: Mapping[str, Any], request: Mapping[str, Any]) -> Verdict:
     return Verdict(matched=True, denials=tuple(denials))
 
 
-def _run(expression: str, activation: Mapping[str, Any]) -> Any:
+@functools.cache
+def _program(expression: str) -> Any:
+    """Compiling is most of the cost, and the same policy is evaluated many times."""
     environment = celpy.Environment()
-    program = environment.program(environment.compile(expression))
-    result = program.evaluate(dict(activation))
+    return environment.program(environment.compile(expression))
+
+
+def _run(expression: str, activation: Mapping[str, Any]) -> Any:
+    result = _program(expression).evaluate(dict(activation))
     if isinstance(result, celpy.CELEvalError):
         raise AssertionError(f"CEL error in {expression!r}: {result}")
     return bool(result) if isinstance(result, celpy.celtypes.BoolType) else result

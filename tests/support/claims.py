@@ -24,14 +24,41 @@ def env_config(
     source: str = "FromClaim",
     driver: str = DRIVER,
 ) -> dict[str, Any]:
+    return device_config({"env": env}, requests, source, driver)
+
+
+def sharing_config(
+    strategy: str, requests: Sequence[str] = (), source: str = "FromClaim", **more: Any
+) -> dict[str, Any]:
+    """A config entry choosing a sharing strategy (with `interval=...`, `limits={...}`)."""
+    return device_config({"sharing": {"strategy": strategy, **more}}, requests, source)
+
+
+def device_config(
+    fields: dict[str, Any],
+    requests: Sequence[str] = (),
+    source: str = "FromClaim",
+    driver: str = DRIVER,
+) -> dict[str, Any]:
     return {
         "source": source,
         "requests": list(requests),
         "opaque": {
             "driver": driver,
-            "parameters": {"apiVersion": CONFIG_API, "kind": "DeviceConfig", "env": env},
+            "parameters": {"apiVersion": CONFIG_API, "kind": "DeviceConfig", **fields},
         },
     }
+
+
+def share(device: str, pool: str, memory: str, compute: str = "0", **extra: Any) -> dict[str, Any]:
+    """An allocation result as the 1.36 scheduler writes it for a share of a shareable device."""
+    return result(
+        device,
+        pool,
+        shareID=str(uuid.uuid4()),
+        consumedCapacity={"memory": memory, "computeUnits": compute},
+        **extra,
+    )
 
 
 def allocated_claim(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -97,7 +98,9 @@ def activation(device: Mapping[str, Any], driver: str) -> dict[str, Any]:
                         for d, c in capacity.items()
                     }
                 ),
-                celtypes.StringType("allowMultipleAllocations"): celtypes.BoolType(False),
+                celtypes.StringType("allowMultipleAllocations"): celtypes.BoolType(
+                    device.get("allowMultipleAllocations") is True
+                ),
             }
         )
     }
@@ -123,7 +126,39 @@ def candidates(
         for s in classes[exactly["deviceClassName"]]["spec"].get("selectors", [])
     ]
     expressions += [s["cel"]["expression"] for s in exactly.get("selectors", [])]
-    return [d["name"] for d in devices if all(matches(e, d, driver) for e in expressions)]
+    wanted = exactly.get("capacity", {}).get("requests", {})
+    return [
+        d["name"]
+        for d in devices
+        if all(matches(e, d, driver) for e in expressions) and _fits(wanted, d)
+    ]
+
+
+def _fits(wanted: Mapping[str, str], device: Mapping[str, Any]) -> bool:
+    """Capacity requests as the 1.36 scheduler applies them (tests/e2e/test_sharing.py checks
+    the same on the real one): names as published, exactly; on a shareable device the request
+    is rounded up by the capacity's policy; elsewhere it is a minimum."""
+    published = device.get("capacity", {})
+    for name, amount in wanted.items():
+        if name not in published:
+            return False
+        value, need = quantities.parse(published[name]["value"]), quantities.parse(amount)
+        policy = (
+            published[name].get("requestPolicy") if device.get("allowMultipleAllocations") else None
+        )
+        if policy and "validValues" in policy:
+            fitting = [v for v in map(quantities.parse, policy["validValues"]) if v >= need]
+            need = min(fitting) if fitting else value + 1
+        elif policy and "validRange" in policy:
+            span = policy["validRange"]
+            low = quantities.parse(span["min"])
+            step = quantities.parse(span.get("step", "1"))
+            need = max(low, low + math.ceil((need - low) / step) * step)
+            if "max" in span and need > quantities.parse(span["max"]):
+                return False
+        if need > value:
+            return False
+    return True
 
 
 def allocations(

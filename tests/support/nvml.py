@@ -417,6 +417,19 @@ class FakeNvmlLibrary:
         utilization = _answer(self._device(handle), "utilization")
         ref._obj.gpu, ref._obj.memory = utilization["gpu"], utilization["memory"]
 
+    def _nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any, count: Any, infos: Any) -> int:
+        """Processes using the GPU (`processes`: [{pid, usedGpuMemory}]); NotSupported unrecorded.
+        Like the C function: with no array, the count and INSUFFICIENT_SIZE if there are any."""
+        processes = _value(self._device(handle).get("processes", {"error": "NotSupported"}))
+        if infos is None:
+            count._obj.value = len(processes)
+            return pynvml.NVML_ERROR_INSUFFICIENT_SIZE if processes else 0
+        for slot, process in enumerate(processes):
+            infos[slot].pid = process["pid"]
+            infos[slot].usedGpuMemory = process["usedGpuMemory"]
+        count._obj.value = len(processes)
+        return 0
+
     def _nvmlDeviceGetPowerUsage(self, handle: Any, ref: Any) -> None:
         ref._obj.value = _answer(self._device(handle), "powerUsage")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from driver import checkpoint
 from driver.checkpoint import (
     Checkpoint,
     CheckpointCorrupt,
@@ -18,6 +19,7 @@ from driver.checkpoint import (
 )
 from driver.claims import Consumer
 from driver.locks import FileLocks
+from driver.model import Sharing, Strategy
 
 
 def sample() -> Checkpoint:
@@ -30,6 +32,34 @@ def sample() -> Checkpoint:
 
 def test_round_trip() -> None:
     assert decode(encode(sample())) == sample()
+
+
+def shared() -> Checkpoint:
+    device = PreparedDevice(
+        "gpu",
+        "node",
+        "gpu-a",
+        ("k8s.d/claim=u-gpu-a-3754b937-84d7-4c7e-8c8c-f8a1cc0301ec",),
+        share_id="3754b937-84d7-4c7e-8c8c-f8a1cc0301ec",
+        consumed={"memory": 30 << 30, "computeUnits": 38},
+        sharing=Sharing(Strategy.TIME_SLICING, "", 0, 38, tuple(range(38))),
+    )
+    return Checkpoint(claims={"u": PreparedClaim("u", "ns", "c", (device,))})
+
+
+def test_round_trip_of_a_share() -> None:
+    assert decode(encode(shared())) == shared()
+
+
+def test_a_checkpoint_from_before_sharing_still_reads() -> None:
+    """An upgrade reads what the previous version wrote: no consumed capacity, no sharing."""
+    body = json.loads(encode(sample()))
+    for claim in body["claims"]:
+        for device in claim["devices"]:
+            del device["consumedCapacity"], device["sharing"]
+    del body["checksum"]
+    body["checksum"] = checkpoint._checksum(body)
+    assert decode(json.dumps(body).encode()) == sample()
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ RESULT = {
     "pool": "p",
     "device": "x",
     "adminAccess": True,
-    "shareID": "s",
+    "shareID": "3754b937-84d7-4c7e-8c8c-f8a1cc0301ec",
+    "consumedCapacity": {"memory": "30Gi", "computeUnits": "0"},
 }
 
 
@@ -43,7 +44,10 @@ def test_parse_reads_results_config_and_consumers() -> None:
     status["reservedFor"] = [{"resource": "pods", "name": "p1", "uid": "pod-uid"}]
     parsed = claims.parse(claim(status), REF)
     assert parsed.results[0].base_request == "gpu"
-    assert parsed.results[0].admin_access and parsed.results[0].share_id == "s"
+    assert parsed.results[0].admin_access
+    # As the 1.36 scheduler writes them: a UUID, and every capacity of the shareable device.
+    assert parsed.results[0].share_id == "3754b937-84d7-4c7e-8c8c-f8a1cc0301ec"
+    assert dict(parsed.results[0].consumed) == {"memory": "30Gi", "computeUnits": "0"}
     assert parsed.config[0].source == "FromClass" and parsed.config[0].parameters == {"a": 1}
     assert parsed.reserved_for[0].uid == "pod-uid"
 
@@ -60,6 +64,13 @@ def test_parse_reads_results_config_and_consumers() -> None:
         (claim(allocation(["x"])), r"results\[0\] is not an object"),
         (claim(allocation([{**RESULT, "device": ""}])), r"results\[0\]\.device is missing"),
         (claim(allocation([RESULT], [{"requests": []}])), "only opaque config is supported"),
+        # A share ID becomes part of a CDI device name: nothing but a UUID gets there.
+        (claim(allocation([{**RESULT, "shareID": "../x"}])), r"shareID '\.\./x' is not a UUID"),
+        (claim(allocation([{**RESULT, "shareID": 7}])), "shareID 7 is not a UUID"),
+        (
+            claim(allocation([{**RESULT, "consumedCapacity": {"memory": 30}}])),
+            r"consumedCapacity is not a map of quantities",
+        ),
         ({"status": {}}, "metadata is not an object"),
     ],
 )

@@ -98,3 +98,34 @@ def test_a_bad_entry_fails_even_when_it_applies_to_no_device() -> None:
     )
     with pytest.raises(ConfigError, match=r"config\[3\]\.opaque\.parameters\.apiVersion"):
         opaque.decode_all([bad], "d")
+
+
+def test_a_later_sharing_section_replaces_an_earlier_one_whole() -> None:
+    """The class asks for MPS with limits, the claim for time-slicing: the claim's section
+    wins as a whole (MPS limits under time-slicing would make no sense), the env merges."""
+    entries = [
+        ConfigEntry(
+            0,
+            "FromClass",
+            (),
+            "d",
+            params(env={"A": "1"}, sharing={"strategy": "MPS", "limits": {"memory": "8Gi"}}),
+        ),
+        ConfigEntry(1, "FromClaim", (), "d", params(sharing={"strategy": "TimeSlicing"})),
+        ConfigEntry(2, "FromClaim", (), "d", params(env={"B": "2"})),
+    ]
+    result = AllocationResult(request="gpu", driver="d", pool="p", device="x")
+    config = opaque.effective(opaque.decode_all(entries, "d"), result)
+    assert config.env == {"A": "1", "B": "2"}
+    assert config.sharing is not None
+    assert (config.sharing.strategy.value, config.sharing.memory_limit) == ("TimeSlicing", 0)
+    assert config.sharing.path == "status.allocation.devices.config[1].opaque.parameters.sharing"
+
+
+def test_sharing_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError) as caught:
+        opaque.decode(params(sharing={"strategy": "MPS", "limits": {"memory": "lots"}}), P)
+    assert caught.value.path == "cfg.sharing.limits.memory"
+    with pytest.raises(ConfigError) as caught:
+        opaque.decode(params(sharing=None), P)
+    assert (caught.value.path, caught.value.problem) == ("cfg.sharing", "must be object, not null")

@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from driver import inventory, slices, validation
+from driver import inventory, sharing, slices, validation
 from driver.backends import BackendContext
 from driver.validation import SliceInvalid
 from support.profiles import write_profile
 from vendors.simulated import SimulatedBackend, profiles
 
 
-def inventory_of(profile: str, partitions: bool = False) -> inventory.Inventory:
+def inventory_of(
+    profile: str, partitions: bool = False, shared: bool = False
+) -> inventory.Inventory:
     backend = SimulatedBackend(BackendContext(node_name="node-a", options={"profile": profile}))
-    return inventory.discover([backend], partitions=partitions)
+    return inventory.discover(
+        [backend], partitions=partitions, policy=sharing.parse_policy(shared, {})
+    )
 
 
 def objects(contents: list[slices.SliceContent]) -> list[dict]:
@@ -60,8 +64,45 @@ def test_an_empty_node_still_publishes_one_slice() -> None:
 
 @pytest.mark.parametrize("profile", profiles.builtin_names())
 @pytest.mark.parametrize("partitions", [False, True])
-def test_every_builtin_profile_is_valid(profile: str, partitions: bool) -> None:
-    validation.check_pool(objects(slices.build(inventory_of(profile, partitions))))
+@pytest.mark.parametrize("shared", [False, True], ids=["exclusive", "sharing"])
+def test_every_builtin_profile_is_valid(profile: str, partitions: bool, shared: bool) -> None:
+    validation.check_pool(objects(slices.build(inventory_of(profile, partitions, shared))))
+
+
+def test_shareable_whole_devices_keep_consuming_all_their_counters() -> None:
+    """Partitions and shares never contradict each other: a shareable GPU still consumes every
+    counter of its set (once, however many shares it has: checked on the real scheduler in
+    tests/e2e/test_sharing.py), so no partition fits while it has shares, and the other way
+    round. Partitions themselves are not shareable."""
+    contents = slices.build(inventory_of("dgx-h100", partitions=True, shared=True))
+    devices = {d["name"]: d for c in contents for d in c.devices}
+    sets = {s["name"]: s["counters"] for c in contents for s in c.shared_counters}
+    whole = devices["gpu-0000-1b-00-0"]
+    assert whole["allowMultipleAllocations"] is True
+    assert whole["consumesCounters"] == [
+        {"counterSet": "gpu-0000-1b-00-0-counters", "counters": sets["gpu-0000-1b-00-0-counters"]}
+    ]
+    assert whole["attributes"]["sharing"] == {"string": "TimeSlicing"}
+    assert whole["attributes"]["sharingLimits"] == {"string": "none"}
+    mig = devices["gpu-0000-1b-00-0-mig-3g40gb-4"]
+    assert "allowMultipleAllocations" not in mig and "sharing" not in mig["attributes"]
+    assert all("requestPolicy" not in c for c in mig["capacity"].values())
+
+
+def test_gpus_are_shared_npus_and_hpus_are_not() -> None:
+    for profile, shared in (("mixed", {"gpu"}), ("gaudi3", set()), ("rngd", set())):
+        found = inventory_of(profile, shared=True)
+        kinds = {d.type.value for d in found.devices if d.name in found.shareable}
+        assert kinds == shared, profile
+    amd = inventory_of("mi300x", shared=True)
+    entry = next(d for c in slices.build(amd) for d in c.devices)
+    # CDNA GPUs hold a compute share through CU masks: compute units can be requested.
+    assert entry["capacity"]["computeUnits"]["requestPolicy"]["validRange"] == {
+        "min": "0",
+        "max": "304",
+        "step": "1",
+    }
+    assert entry["attributes"]["sharingLimits"] == {"string": "computeUnits"}
 
 
 def test_dgx_h100_with_partitions_shares_counters_between_gpus_and_mig() -> None:
@@ -107,7 +148,7 @@ def test_mig_placements_that_overlap_cannot_both_fit() -> None:
 
 
 def broken(mutate) -> list[dict]:  # type: ignore[no-untyped-def]
-    items = objects(slices.build(inventory_of("dgx-h100", partitions=True)))
+    items = objects(slices.build(inventory_of("dgx-h100", partitions=True, shared=True)))
     mutate(items)
     return items
 
@@ -172,6 +213,27 @@ def device(items: list[dict], slice_index: int = 1, index: int = 0) -> dict:
         (
             lambda s: s[0]["spec"]["pool"].update(resourceSliceCount=0),
             "spec.pool.resourceSliceCount must be greater than zero",
+        ),
+        # Consumable capacity (KEP-5075), as the 1.36 API server checks it.
+        (
+            lambda s: device(s).pop("allowMultipleAllocations"),
+            "capacity['memory'].requestPolicy: allowMultipleAllocations must be true",
+        ),
+        (
+            lambda s: device(s)["capacity"]["computeUnits"]["requestPolicy"].update(default="1"),
+            "requestPolicy.validValues: must contain the default",
+        ),
+        (
+            lambda s: device(s)["capacity"]["memory"]["requestPolicy"].update(default="1Ti"),
+            "requestPolicy.default: 1Ti is more than the capacity",
+        ),
+        (
+            lambda s: device(s)["capacity"]["memory"]["requestPolicy"]["validRange"].pop("min"),
+            "requestPolicy.validRange.min: is required",
+        ),
+        (
+            lambda s: device(s)["capacity"]["memory"]["requestPolicy"].update(validValues=["1Gi"]),
+            "only one of validValues and validRange may be set",
         ),
     ],
 )

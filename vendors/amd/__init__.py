@@ -21,9 +21,19 @@ from typing import Any
 from driver import pci
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
-from driver.model import ContainerEdits, Device, DeviceSample, DeviceType, HealthEvent, Interconnect
+from driver.model import (
+    ContainerEdits,
+    Device,
+    DeviceSample,
+    DeviceType,
+    HealthEvent,
+    Interconnect,
+    Sharing,
+    SharingSupport,
+)
 from driver.pci import PciMatch
 from driver.reads import OptionalReads
+from vendors.amd import sharing
 from vendors.host import Host
 
 log = logging.getLogger(__name__)
@@ -157,6 +167,12 @@ class AmdBackend:
                 "/dev/kfd not found: the amdgpu driver has no compute (KFD) support loaded"
             )
         return ContainerEdits(device_nodes=(kfd,))
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        return sharing.support(device)
+
+    def sharing_edits(self, device: Device, share: Sharing) -> ContainerEdits:
+        return sharing.edits(share)
 
     def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
         """amdsmi's reset and thermal notifications as they arrive, and new uncorrectable ECC (RAS)

@@ -16,12 +16,15 @@ from driver import pci
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable
 from driver.model import (
+    TIME_SLICING_ONLY,
     ContainerEdits,
     Device,
     DeviceSample,
     DeviceType,
     HealthEvent,
     Mount,
+    Sharing,
+    SharingSupport,
 )
 from driver.pci import PciFunction, PciMatch
 from vendors.host import Host
@@ -131,6 +134,14 @@ class IntelGpuBackend:
         return ContainerEdits(device_nodes=nodes, mounts=mounts)
 
     def shared_edits(self, devices: Sequence[Device]) -> ContainerEdits:
+        return ContainerEdits()
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        """Processes take turns on the GPU (the GuC schedules their contexts); Level Zero has
+        no per-process memory or compute cap, so a share holds nothing."""
+        return TIME_SLICING_ONLY
+
+    def sharing_edits(self, device: Device, sharing: Sharing) -> ContainerEdits:
         return ContainerEdits()
 
     def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:

@@ -30,16 +30,21 @@ from driver.model import (
     Device,
     DeviceNode,
     DeviceSample,
+    DeviceSharing,
     DeviceType,
     HealthEvent,
     Interconnect,
     OfferedProfile,
+    ProcessUsage,
+    Sharing,
+    SharingSupport,
 )
 from driver.pci import PciMatch
 from driver.reads import OptionalReads, first_known
 from vendors.host import Host
 from vendors.nvidia import capabilities, driver_files, topology
 from vendors.nvidia.cuda import CudaDriver, CudaError, SmCounter
+from vendors.nvidia.sharing import NvidiaSharing
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,7 @@ class NvidiaBackend:
         self._files: driver_files.DriverFiles | None = None
         # Device name -> the NVML event types registered for it (what the health monitor listens to).
         self.registered_events: dict[str, int] = {}
+        self.sharing = NvidiaSharing(self.host, context.state_dir, self.driver_root or "/")
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -590,6 +596,17 @@ class NvidiaBackend:
             raise BackendUnavailable(f"cannot read the MIG capability {access_file}") from err
         return self._node(f"/dev/nvidia-caps/nvidia-cap{minor}", "nvidia-caps", minor)
 
+    # -- sharing (vendors/nvidia/sharing.py) ----------------------------------------------------
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        return self.sharing.support(device)
+
+    def sharing_edits(self, device: Device, sharing: Sharing) -> ContainerEdits:
+        return self.sharing.edits(device, sharing)
+
+    def apply_sharing(self, device: Device, state: DeviceSharing | None) -> None:
+        self.sharing.apply(device, state)
+
     # -- health and metrics --------------------------------------------------------------------
 
     def health_events(self, stop: threading.Event) -> Iterator[HealthEvent]:
@@ -720,6 +737,11 @@ class NvidiaBackend:
             "nvmlDeviceGetTemperature",
             lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
         )
+        # Per process, so the memory of each share of a shared GPU can be told apart.
+        processes = read(
+            "nvmlDeviceGetComputeRunningProcesses",
+            lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle),
+        )
         return DeviceSample(
             device=name,
             utilization=utilization.gpu / 100 if utilization is not None else None,
@@ -730,6 +752,11 @@ class NvidiaBackend:
             temperature_celsius=float(temperature) if temperature is not None else None,
             errors_corrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
             errors_uncorrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+            processes=tuple(
+                ProcessUsage(int(p.pid), int(p.usedGpuMemory))
+                for p in processes or ()
+                if p.usedGpuMemory is not None
+            ),
         )
 
 

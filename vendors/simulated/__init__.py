@@ -22,16 +22,21 @@ from pathlib import Path
 from driver.backends import BackendContext
 from driver.errors import BackendUnavailable, ConfigError
 from driver.model import (
+    TIME_SLICING_ONLY,
     ContainerEdits,
     Device,
     DeviceNode,
     DeviceSample,
+    DeviceType,
     HealthEvent,
     Interconnect,
     Mount,
     Partition,
     PartitionLayout,
+    Sharing,
+    SharingSupport,
 )
+from vendors.amd import sharing as amd_sharing
 from vendors.nvidia.capabilities import xid_event
 from vendors.simulated import profiles
 from vendors.simulated.profiles import ModelSpec, NodeTemplate, Placement
@@ -157,6 +162,19 @@ class SimulatedBackend:
             self._node(node, entries[0]) for model in models for node in model.shared_device_nodes
         ]
         return ContainerEdits(env=tuple(env), device_nodes=tuple(dict.fromkeys(nodes)))
+
+    def sharing_support(self, device: Device) -> SharingSupport | None:
+        """GPUs share as their vendor's stack lets them, minus what needs a daemon: a simulated
+        NVIDIA GPU has no MPS, so its shares take turns; AMD's CU masks are plain environment.
+        NPUs, TPUs and HPUs are not shared (docs/sharing.md)."""
+        if device.type is not DeviceType.GPU:
+            return None
+        if device.vendor == "amd":
+            return amd_sharing.support(device)
+        return TIME_SLICING_ONLY
+
+    def sharing_edits(self, device: Device, sharing: Sharing) -> ContainerEdits:
+        return amd_sharing.edits(sharing) if device.vendor == "amd" else ContainerEdits()
 
     def inject(self, device: str, fault: str) -> HealthEvent:
         """Make a device raise a fault: `xid-<number>`, `ecc-dbe`, `lost` or `overheat`."""
