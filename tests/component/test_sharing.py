@@ -24,13 +24,13 @@ from driver import cdi
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore, PreparedClaim, PreparedDevice
 from driver.claims import Consumer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.health import HealthBoard
 from driver.inventory import LiveInventory
 from driver.locks import FileLocks
 from driver.metrics import DeviceCollector, SampleCache
 from driver.model import DeviceSample, ProcessUsage, Sharing, Strategy
 from support import mps, nvml
-from driver.demo.apiserver import ApiServer as FakeApiServer
 from support.claims import allocated_claim, result, share, sharing_config
 from support.hosts import FakeHost
 from support.waiting import wait_until
