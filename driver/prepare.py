@@ -46,6 +46,12 @@ class ClaimSource(Protocol):
 
 
 ADMIN_ACCESS_ENV = "DRA_ADMIN_ACCESS=true"
+# Compute-unit masks are planned before the locks; a concurrent prepare may take them meanwhile.
+PLANNING_ATTEMPTS = 3
+
+
+class UnitsTaken(ClaimError):
+    """The compute units planned for a share went to another one: plan again."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,29 @@ class Preparer:
         deadline.check(f"reading claim {ref}")
         claim = claims.parse(self.claim_source(ref, deadline.remaining()), ref)
         started = timings.mark("claim_get", started)
+        for attempt in range(1, PLANNING_ATTEMPTS + 1):
+            try:
+                devices = self._prepare_planned(ref, claim, timings, deadline, started)
+                break
+            except UnitsTaken:
+                if attempt == PLANNING_ATTEMPTS:
+                    raise
+                started = time.perf_counter()
+        log.info(
+            "Prepared claim",
+            extra={"claim": str(ref), "uid": ref.uid, "devices": len(devices)},
+        )
+        return devices
+
+    def _prepare_planned(
+        self,
+        ref: ClaimRef,
+        claim: AllocatedClaim,
+        timings: Timings,
+        deadline: Deadline,
+        started: float,
+    ) -> tuple[PreparedDevice, ...]:
+        """Plan, write the spec, record the claim: the part a concurrent prepare can make stale."""
         plan = self.plan(claim)
         started = timings.mark("plan", started)
         deadline.check(f"preparing claim {ref}")
@@ -176,6 +205,8 @@ class Preparer:
                     self._remove_unrecorded(ref, path)
                 raise
             timings.mark("checkpoint_write", started)
+        return plan.devices
+
         log.info(
             "Prepared claim",
             extra={"claim": str(ref), "uid": ref.uid, "devices": len(plan.devices)},
@@ -423,6 +454,8 @@ class Preparer:
             problem = sharing.conflict(plan.items[name], others.get(name, []), wanted)
             if problem:
                 raise ClaimError(f"{problem}; it is unprepared when that claim's pods are gone")
+            if sharing.units_taken(others.get(name, []), wanted):
+                raise UnitsTaken(f"compute units of device {name} went to another share meanwhile")
 
     def _apply_sharing(self, checkpoint: Checkpoint, names: Sequence[str], strict: bool) -> None:
         """Set up (or release) each named device for the allocations the checkpoint holds on it.

@@ -393,10 +393,14 @@ def conflict(
             f"device {device.name} is shared by claim {holder} with "
             f"{_describe(next(iter(theirs)))}; this claim asks for {_describe(next(iter(ours)))}"
         )
-    busy = {u for h in users for u in (h.sharing.units if h.sharing else ())}
-    if busy & {u for h in mine for u in (h.sharing.units if h.sharing else ())}:
-        return f"compute units of device {device.name} were given to another share meanwhile"
     return None
+
+
+def units_taken(others: Sequence[Holding], wanted: Sequence[Holding]) -> bool:
+    """Whether compute units planned for `wanted` went to another share since they were planned
+    (two prepares at once): planning again gives free ones."""
+    busy = {u for h in others for u in (h.sharing.units if h.sharing else ())}
+    return bool(busy & {u for h in wanted for u in (h.sharing.units if h.sharing else ())})
 
 
 def state_of(sharing: Sharing | None) -> DeviceSharing | None:

@@ -105,10 +105,11 @@ def test_a_device_listed_twice_in_one_claim_is_refused() -> None:
 
 
 def test_shares_of_one_device_are_distinct_but_one_share_twice_is_not() -> None:
-    shares = ours(gpu("gpu-0", shareID="s-1"), gpu("gpu-0", shareID="s-2"))
+    one, two = "5e1f0000-0000-4000-8000-000000000001", "5e1f0000-0000-4000-8000-000000000002"
+    shares = ours(gpu("gpu-0", shareID=one), gpu("gpu-0", shareID=two))
     assert len(claims.results_for(shares, "d", "p")) == 2
-    same = ours(gpu("gpu-0", shareID="s-1"), gpu("gpu-0", "other", shareID="s-1"))
-    with pytest.raises(ClaimError, match="lists device gpu-0 with shareID s-1 twice"):
+    same = ours(gpu("gpu-0", shareID=one), gpu("gpu-0", "other", shareID=one))
+    with pytest.raises(ClaimError, match=f"lists device gpu-0 with shareID {one} twice"):
         claims.results_for(same, "d", "p")
 
 
