@@ -33,8 +33,10 @@ from e2e.plugin import (
     type_checking,
     wait_pod_ready,
 )
+from e2e.pod_layout import doctor_in_pod
 
 from driver.localcluster import LocalCluster
+from support import kustomize
 from support.waiting import wait_until
 
 NAMESPACE = "acme-gpu"
@@ -73,11 +75,13 @@ def write_overlay(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def renamed(
-    cluster: LocalCluster, installed: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def overlay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_overlay(tmp_path_factory.mktemp("acme"))
+
+
+@pytest.fixture(scope="module")
+def renamed(cluster: LocalCluster, installed: str, overlay: Path) -> Iterator[str]:
     """The renamed overlay applied beside the default install; yields kubectl's stderr."""
-    overlay = write_overlay(tmp_path_factory.mktemp("acme"))
     done = cluster.kubectl("apply", "-k", str(overlay))
     wait_until(
         lambda: daemonset_pod(cluster, NAMESPACE), timeout=60, what="the renamed DaemonSet's pod"
@@ -167,17 +171,45 @@ def test_the_old_default_account_may_not_write_the_renamed_drivers_slices(
     assert "denied" in error or "forbidden" in error, error
 
 
-def test_the_renamed_policy_itself_denies_the_old_account(
+def test_the_renamed_policy_admits_no_other_account_to_the_renamed_drivers_slices(
     cluster: LocalCluster, renamed: str
 ) -> None:
-    # The default install's account has RBAC for slices, so only an admission policy stops it:
-    # the renamed one names the renamed account in its message.
-    code, error = create_as(cluster, DEFAULT_USER, "node-a", probe_slice("node-a", DRIVER))
-    assert code != 0
-    assert (
-        f"ResourceSlices of driver {DRIVER} may be written only by its service account {ACCOUNT}"
-        in error
-    ), error
+    # An account that RBAC lets write slices but that only the renamed policy restricts (the
+    # default policy judges only its own driver's slices and accounts named unidra).
+    other = "slice-writer"
+    apply(
+        cluster,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": other},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{ACCOUNT}-kubelet-plugin",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": other, "namespace": NAMESPACE}],
+        },
+    )
+    try:
+        user = f"system:serviceaccount:{NAMESPACE}:{other}"
+        wait_until(
+            lambda: can_i(cluster, user, "create", "resourceslices.resource.k8s.io"),
+            timeout=10,
+            what="the binding to take effect",
+        )
+        code, error = create_as(cluster, user, "node-a", probe_slice("node-a", DRIVER))
+        assert code != 0
+        assert f"'{ACCOUNT}-resourceslices' with binding '{ACCOUNT}-resourceslices' denied" in error
+        assert (
+            f"ResourceSlices of driver {DRIVER} may be written only by its service account "
+            f"{ACCOUNT}, not {user}"
+        ) in error
+        # The same account's slices of another driver are no business of the renamed policy.
+        code, error = create_as(cluster, user, "node-a", probe_slice("node-a", "other.example"))
+        assert code == 0, error
+    finally:
+        cluster.kubectl("delete", "clusterrolebinding", other)
 
 
 @pytest.mark.parametrize(
@@ -223,3 +255,16 @@ def test_the_renamed_plugin_registers_and_a_pod_gets_its_device(
         assert sum(renamed_plugin.samples("unidra_api_errors_total").values()) == 0
     finally:
         delete_pods(cluster, WORKLOADS)
+
+
+def test_doctor_in_the_renamed_pod_checks_the_renamed_driver(
+    cluster: LocalCluster, renamed_plugin: PluginProcess, overlay: Path
+) -> None:
+    (daemonset,) = [o for o in kustomize.render(overlay) if o["kind"] == "DaemonSet"]
+    code, findings = doctor_in_pod(cluster, daemonset, NAMESPACE, ACCOUNT)
+    assert code == 0, findings
+    assert findings["plugin directory"] == ("ok", f"/var/lib/kubelet/plugins/{DRIVER} is writable")
+    assert findings["daemon"][0] == "ok"
+    status, detail = findings["permissions"]
+    assert status == "ok"
+    assert detail.endswith(f"associated-node:update on resourceclaims/driver named {DRIVER}")
