@@ -288,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the simulated node (a built-in profile or a profile file) [default dgx-h100]",
     )
     demo.add_argument(
+        "--kube-bin",
+        type=Path,
+        default=_env("UNIDRA_KUBE_BIN") or _env("UNIDRA_E2E_BIN"),
+        help="run on real Kubernetes binaries in DIR (kube-apiserver, kube-controller-manager, "
+        "kube-scheduler, kubelet, kubectl, labetcd, fakecri; root needed), with the real "
+        "scheduler allocating and the real kubelet preparing [env UNIDRA_KUBE_BIN, else "
+        "UNIDRA_E2E_BIN; default: an embedded API server]",
+    )
+    demo.add_argument(
         "--keep",
         action="store_true",
         help="keep the demo's private directory (sockets, checkpoint, CDI specs, log) afterwards",
@@ -648,7 +657,16 @@ def _fleet(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from driver.demo import story
 
-    return story.run(profile=args.profile, keep=args.keep)
+    if args.kube_bin is not None:
+        from driver.localcluster import BINARIES, missing_binaries
+
+        missing = missing_binaries(args.kube_bin)
+        if missing:
+            raise ConfigError(
+                "--kube-bin",
+                f"{args.kube_bin} lacks {', '.join(missing)}; it needs {', '.join(BINARIES)}",
+            )
+    return story.run(profile=args.profile, keep=args.keep, kube_bin=args.kube_bin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
