@@ -28,21 +28,29 @@ data:
 ACCOUNT = "system:serviceaccount:gpu-system:gpu-driver"
 
 
-@pytest.fixture(scope="module")
-def renamed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("renamed")
+COMPONENTS = ("nvidia", "extended-resources", "fleet", "nfd", "settings")
+
+
+def install(directory: Path, namespace: str = "", settings: str = "") -> Path:
+    """An operator's kustomization with the components that add cluster-wide objects."""
     relative = os.path.relpath(MANIFESTS, directory)
-    (directory / "settings.yaml").write_text(SETTINGS)
+    if settings:
+        (directory / "settings.yaml").write_text(settings)
     (directory / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "namespace: gpu-system\n"
-        f"resources:\n  - {relative}/base\n  - settings.yaml\n"
-        f"components:\n  - {relative}/components/nvidia\n"
-        f"  - {relative}/components/extended-resources\n  - {relative}/components/fleet\n"
-        f"  - {relative}/components/settings\n"
+        + (f"namespace: {namespace}\n" if namespace else "")
+        + f"resources:\n  - {relative}/base\n"
+        + ("  - settings.yaml\n" if settings else f"  - {relative}/settings\n")
+        + "components:\n"
+        + "".join(f"  - {relative}/components/{name}\n" for name in COMPONENTS)
     )
-    objects = kustomize.render(directory)
-    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    return directory
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
+    directory = install(tmp_path_factory.mktemp("renamed"), "gpu-system", SETTINGS)
+    return {(o["kind"], o["metadata"]["name"]): o for o in kustomize.render(directory)}
 
 
 def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -88,10 +96,11 @@ def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, 
 
 
 def test_no_cluster_wide_name_is_shared_with_the_default_install(
-    renamed: dict[tuple[str, str], dict[str, Any]],
+    renamed: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
     """Two installs in one cluster: no cluster-scoped object of one overwrites the other's."""
-    default = {(o["kind"], o["metadata"]["name"]) for o in kustomize.render(MANIFESTS)}
+    default = {(o["kind"], o["metadata"]["name"]) for o in kustomize.render(install(tmp_path))}
+    assert ("NodeFeatureRule", "unidra-accelerators") in default
     shared = {
         (kind, name)
         for kind, name in default & set(renamed)
