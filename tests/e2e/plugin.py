@@ -79,15 +79,15 @@ class PluginProcess:
         cluster: LocalCluster,
         *,
         simulate: str = "dgx-h100",
+        driver: str = DRIVER,
+        kubeconfig: Path | None = None,
         args: Sequence[str] = (),
         pod_uid: str | None = None,
         name: str = "plugin",
         env: Mapping[str, str] | None = None,
-        driver: str = DRIVER,
-        kubeconfig: Path | None = None,
     ) -> None:
-        self.cluster = cluster
         self.driver = driver
+        self.cluster = cluster
         self.root = cluster.workdir / name
         self.root.mkdir(exist_ok=True)
         self.cdi_root = cluster.workdir / "cdi"
