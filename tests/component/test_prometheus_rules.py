@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +89,9 @@ def settled(instance: daemon.Daemon) -> str:
 
 
 @pytest.fixture
-def scrapes(node, api: FakeApiServer) -> Iterator[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
-    """Three scrapes of one daemon: before kubelet registered it, healthy, and in a fault state."""
+def scrapes(node, api: FakeApiServer) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+    """Three scrapes of one daemon, stopped afterwards (one daemon per node): before kubelet
+    registered it, healthy, and in a fault state."""
     instance = daemon.start(node.settings("dgx-h100", metrics_interval_seconds=0.05))
     plugin = None
     try:
@@ -118,7 +118,7 @@ def scrapes(node, api: FakeApiServer) -> Iterator[tuple[str, str, str]]:  # type
             ),
             what="the fault state in the metrics",
         )
-        yield unregistered, healthy, scrape(instance)
+        return unregistered, healthy, scrape(instance)
     finally:
         if plugin is not None:
             plugin.close()
@@ -126,14 +126,15 @@ def scrapes(node, api: FakeApiServer) -> Iterator[tuple[str, str, str]]:  # type
 
 
 @pytest.fixture
-def mixed(node) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A scrape of a registered, healthy daemon with every vendor's devices."""
+def mixed(node) -> str:  # type: ignore[no-untyped-def]
+    """A scrape of a registered, healthy daemon with every vendor's devices (stopped afterwards:
+    one daemon per node)."""
     with node.serve("mixed", metrics_interval_seconds=0.05) as (instance, _):
         wait_until(
             lambda: value(scrape(instance), "hw_gpu_memory_usage_bytes", hw_vendor="amd"),
             what="a first sample",
         )
-        yield scrape(instance)
+        return scrape(instance)
 
 
 def test_every_rule_names_metrics_labels_and_values_the_driver_exports(
