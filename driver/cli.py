@@ -669,6 +669,14 @@ def _demo(args: argparse.Namespace) -> int:
     return story.run(profile=args.profile, keep=args.keep, kube_bin=args.kube_bin)
 
 
+def _one_line(message: str) -> str:
+    """The message on one line: a line break inside a value it quotes (`--kubeconfig=$'\\r'`) escaped."""
+    return "".join(
+        c.encode("unicode_escape").decode() if len(f"a{c}b".splitlines()) > 1 else c
+        for c in message
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "kubelet-plugin": _kubelet_plugin,
@@ -685,10 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except ConfigError as err:
-        print(f"unidra: invalid setting: {err}", file=sys.stderr)
+        print(f"unidra: invalid setting: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except UnidraError as err:
-        print(f"unidra: {err}", file=sys.stderr)
+        print(f"unidra: {_one_line(str(err))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `unidra inspect -o json | head`: the reader left; say nothing, as other tools do.
