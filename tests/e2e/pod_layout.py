@@ -1,7 +1,8 @@
 """A command run as in the DaemonSet's container, with no container runtime: the same mounts.
 
 From a rendered DaemonSet, `layout` derives the container's view: a read-only root (the image:
-this machine's /usr, /etc, the venv and the checkout, bound read-only), each hostPath volume at its
+this machine's /usr, /etc, the Python environment and the Unidra the tests import, bound
+read-only), each hostPath volume at its
 mountPath with its readOnly flag, emptyDirs as tmpfs, and the projected service-account token
 at /var/run/secrets/kubernetes.io/serviceaccount. `run` builds that view in a private mount
 namespace (`unshare --mount`, root only, through pod_enter.py), chroots into it and runs the
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from e2e.plugin import NAMESPACE, daemonset_pod, pod_token
 
+import driver
+
 if TYPE_CHECKING:
     from driver.localcluster import LocalCluster
 
-REPO = Path(__file__).resolve().parents[2]
 ENTER = Path(__file__).with_name("pod_enter.py")
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -96,9 +98,11 @@ def run(
         secrets.mkdir()
         (secrets / "token").write_text(token)
         (secrets / "ca.crt").write_bytes(ca.read_bytes())
+        # The image: the interpreter, the venv and the Unidra this test imports, wherever they are.
+        installed = str(Path(driver.__file__).resolve().parents[1])
         image = [
             Mount(p, p, read_only=True)
-            for p in sorted({"/usr", "/etc", sys.base_prefix, sys.prefix, str(REPO)})
+            for p in sorted({"/usr", "/etc", sys.base_prefix, sys.prefix, installed})
             if Path(p).is_dir()
         ]
         runtime = [Mount("/proc", "/proc"), Mount("/dev", "/dev")]
@@ -112,7 +116,12 @@ def run(
             ],
             "read_only_root": read_only_root,
             "argv": [sys.executable, *argv],
-            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", **env},
+            "env": {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONPATH": installed,
+                **env,
+            },
         }
         (Path(scratch) / "root").mkdir()
         plan_file = Path(scratch) / "plan.json"
