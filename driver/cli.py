@@ -300,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the simulated node (a built-in profile or a profile file) [default dgx-h100]",
     )
     demo.add_argument(
+        "--kube-bin",
+        type=Path,
+        default=_env("UNIDRA_KUBE_BIN"),
+        help="run on real Kubernetes binaries in DIR (kube-apiserver, kube-controller-manager, "
+        "kube-scheduler, kubelet, kubectl, labetcd, fakecri; root needed), with the real "
+        "scheduler allocating and the real kubelet preparing [env UNIDRA_KUBE_BIN; default: an "
+        "embedded API server]",
+    )
+    demo.add_argument(
         "--keep",
         action="store_true",
         help="keep the demo's private directory (sockets, checkpoint, CDI specs, log) afterwards",
@@ -662,7 +671,24 @@ def _fleet(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from driver.demo import story
 
-    return story.run(profile=args.profile, keep=args.keep)
+    if args.kube_bin is not None:
+        from driver.localcluster import BINARIES, missing_binaries
+
+        missing = missing_binaries(args.kube_bin)
+        if missing:
+            raise ConfigError(
+                "--kube-bin",
+                f"{args.kube_bin} lacks {', '.join(missing)}; it needs {', '.join(BINARIES)}",
+            )
+    return story.run(profile=args.profile, keep=args.keep, kube_bin=args.kube_bin)
+
+
+def _one_line(message: str) -> str:
+    """The message on one line: a line break inside a value it quotes (`--kubeconfig=$'\\r'`) escaped."""
+    return "".join(
+        c.encode("unicode_escape").decode() if len(f"a{c}b".splitlines()) > 1 else c
+        for c in message
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -681,10 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except ConfigError as err:
-        print(f"unidra: invalid setting: {err}", file=sys.stderr)
+        print(f"unidra: invalid setting: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except UnidraError as err:
-        print(f"unidra: {err}", file=sys.stderr)
+        print(f"unidra: {_one_line(str(err))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `unidra inspect -o json | head`: the reader left; say nothing, as other tools do.

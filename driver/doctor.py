@@ -402,8 +402,15 @@ def _access(preflight: kubeapi.Preflight, driver: str) -> Finding:
             f"these credentials may not {', '.join(denied)}; the driver's ClusterRole "
             "(manifests/base/rbac.yaml) grants them",
         )
+    named = ", ".join(
+        f"{verb} on {resource} named {driver}"
+        for _, resource, verb in kubeapi.PERMISSIONS
+        if resource in kubeapi.NAMED_BY_DRIVER
+    )
     return Finding(
-        Status.OK, "permissions", f"all {len(kubeapi.PERMISSIONS)} API calls of the driver allowed"
+        Status.OK,
+        "permissions",
+        f"all {len(kubeapi.PERMISSIONS)} API calls of the driver allowed, including {named}",
     )
 
 

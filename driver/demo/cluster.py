@@ -5,21 +5,24 @@ driver: a Node, registering the plugin, allocating a claim, preparing it for a p
 device health kubelet sees. The embedded cluster does them with an in-process API server, a
 kubelet stand-in that speaks the real gRPC protocols over the plugin's Unix sockets, and a
 scheduler stand-in that picks the first healthy device. A cluster of real Kubernetes binaries
-implements the same protocol.
+(driver.demo.kube) implements the same protocol.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from driver import kubeapi
 from driver.demo.apiserver import ApiServer
 from driver.errors import UnidraError
 from driver.kubelet import client as kubelet
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -197,3 +200,14 @@ def _first_healthy_gpu(slices: list[dict[str, Any]]) -> str:
             if kind == "gpu" and not partition and not device.get("taints"):
                 return str(device["name"])
     raise UnidraError("no healthy GPU in the published ResourceSlices")
+
+
+def wait(probe: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll `probe` until it returns something true; an UnidraError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise UnidraError(f"the demo waited {timeout:.0f} s for {what} in vain")

@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from driver import control, daemon, kubeapi, logs, quantities
-from driver.demo.cluster import Cluster, EmbeddedCluster
-from driver.errors import UnidraError
+from driver.demo.cluster import Cluster, EmbeddedCluster, wait
 from driver.kubelet import sockets
 from driver.settings import Settings
 
@@ -37,11 +36,20 @@ WAIT_SECONDS = 30.0
 T = TypeVar("T")
 
 
-def run(profile: str = "dgx-h100", keep: bool = False) -> int:
-    """Run the story in a fresh private directory; the exit code for the CLI."""
+def run(profile: str = "dgx-h100", keep: bool = False, kube_bin: Path | None = None) -> int:
+    """Run the story in a fresh private directory; the exit code for the CLI. With `kube_bin`,
+    on a cluster of the real Kubernetes binaries in that directory."""
     root = Path(tempfile.mkdtemp(prefix="unidra-demo-", dir="/tmp"))  # short: socket paths
     try:
-        Story(root, profile).tell(EmbeddedCluster(root))
+        cluster: Cluster
+        if kube_bin is None:
+            cluster = EmbeddedCluster(root)
+        else:
+            from driver.demo.kube import KubeCluster
+
+            print(f"Starting Kubernetes from {kube_bin} in {root} ...", flush=True)
+            cluster = KubeCluster(kube_bin, root, NODE)
+        Story(root, profile).tell(cluster)
     finally:
         if keep:
             print(f"\nKept {root} (the log is plugin.log); remove it when done.")
@@ -55,6 +63,7 @@ class Story:
         self.root = root
         self.profile = profile
         self.step = 0
+        self.cdi_root = root / "cdi"
 
     def say(self, title: str, *lines: str) -> None:
         self.step += 1
@@ -63,6 +72,7 @@ class Story:
             print(f"   {line}", flush=True)
 
     def tell(self, cluster: Cluster) -> None:
+        self.cdi_root = cluster.directories.cdi_root
         try:
             with self._plugin(cluster) as instance:
                 device = self._publish_and_prepare(cluster)
@@ -171,7 +181,8 @@ class Story:
         taint = _wait(lambda: _taint(api, device), "the taint")
         self.say(
             "The device gets a taint in its ResourceSlice: the scheduler gives it to no new claim,",
-            "and NoExecute evicts the pods using it.",
+            "and NoExecute evicts the pods using it (the demo's claim tolerates it, so that its pod",
+            "stays to show the fault).",
             f"taint: {taint['key']}={taint['value']}:{taint['effect']}",
         )
         self.say(
@@ -203,7 +214,7 @@ class Story:
         )
 
     def _specs(self) -> list[Path]:
-        return sorted((self.root / "cdi").glob("*.json"))
+        return sorted(self.cdi_root.glob("*.json"))
 
     @staticmethod
     def _log_to(path: Path) -> None:
@@ -215,13 +226,7 @@ class Story:
 
 
 def _wait(probe: Callable[[], T | None], what: str) -> T:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise UnidraError(f"the demo waited {WAIT_SECONDS:.0f} s for {what} in vain")
+    return wait(probe, WAIT_SECONDS, what)
 
 
 def _slices(api: kubeapi.Rest) -> list[dict[str, Any]]:
@@ -286,7 +291,23 @@ def _claim() -> dict[str, Any]:
         "metadata": {"name": CLAIM, "namespace": NAMESPACE},
         "spec": {
             "devices": {
-                "requests": [{"name": "gpu", "exactly": {"deviceClassName": f"gpu.{DRIVER}"}}]
+                "requests": [
+                    {
+                        "name": "gpu",
+                        "exactly": {
+                            "deviceClassName": f"gpu.{DRIVER}",
+                            # Its pod stays on the failed GPU to show the fault in its status
+                            # (with the effect named: docs/health.md, "The taint").
+                            "tolerations": [
+                                {
+                                    "key": f"{DRIVER}/unhealthy",
+                                    "operator": "Exists",
+                                    "effect": "NoExecute",
+                                }
+                            ],
+                        },
+                    }
+                ]
             }
         },
     }

@@ -301,6 +301,12 @@ def test_cleanup_takes_no_flags_it_would_ignore() -> None:
         one_line_error(unidra("cleanup", flag), 2, "unrecognized arguments", "--help")
 
 
+def test_a_line_break_inside_a_value_stays_on_the_errors_one_line() -> None:
+    # Found by the property test below: `--kubeconfig=$'\r'` split the message in two.
+    for value in ("\r", "a\nb", "x\u2028y"):
+        one_line_error(unidra("fleet", f"--kubeconfig={value}"), 2, "--kubeconfig", "is not a file")
+
+
 def _variables() -> list[str]:
     """Every environment variable the commands read, from their help."""
     from driver import cli

@@ -6,7 +6,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from component.test_cli import unidra
+import pytest
+from component.test_cli import one_line_error, unidra
+
+
+@pytest.fixture(autouse=True)
+def embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded API server, even where the environment names Kubernetes binaries (CI)."""
+    monkeypatch.delenv("UNIDRA_KUBE_BIN", raising=False)
 
 
 def test_the_demo_tells_the_whole_story_in_a_private_directory() -> None:
@@ -65,3 +72,8 @@ def test_without_keep_nothing_is_left() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     root = Path(re.search(r"live in (/tmp/unidra-demo-\w+)\.", run.stdout).group(1))  # type: ignore[union-attr]
     assert not root.exists()
+
+
+def test_kube_bin_without_the_binaries_names_the_flag_and_what_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "kubectl").write_text("")
+    one_line_error(unidra("demo", f"--kube-bin={tmp_path}"), 2, "--kube-bin", "lacks labetcd")

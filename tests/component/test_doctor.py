@@ -237,7 +237,11 @@ def test_an_unknown_node_is_a_problem(root: Path, capsys, cluster) -> None:  # t
 def test_missing_permissions_are_named(root: Path, capsys, cluster) -> None:  # type: ignore[no-untyped-def]
     server, kubeconfig = cluster
     code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
-    assert findings["permissions"] == ("ok", "all 9 API calls of the driver allowed")
+    assert findings["permissions"] == (
+        "ok",
+        "all 9 API calls of the driver allowed, including associated-node:update on "
+        "resourceclaims/driver named unidra.dev",
+    )
     server.denied = {("resource.k8s.io", "resourceclaims/status", "update"), ("", "nodes", "get")}
     code, findings = doctor(capsys, root, "--simulate=rngd", f"--kubeconfig={kubeconfig}")
     assert code == 1

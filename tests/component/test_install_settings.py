@@ -28,19 +28,29 @@ data:
 ACCOUNT = "system:serviceaccount:gpu-system:gpu-driver"
 
 
-@pytest.fixture(scope="module")
-def renamed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("renamed")
+COMPONENTS = ("nvidia", "extended-resources", "fleet", "nfd", "settings")
+
+
+def install(directory: Path, namespace: str = "", settings: str = "") -> Path:
+    """An operator's kustomization with the components that add cluster-wide objects."""
     relative = os.path.relpath(MANIFESTS, directory)
-    (directory / "settings.yaml").write_text(SETTINGS)
+    if settings:
+        (directory / "settings.yaml").write_text(settings)
     (directory / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "namespace: gpu-system\n"
-        f"resources:\n  - {relative}/base\n  - settings.yaml\n"
-        f"components:\n  - {relative}/components/nvidia\n  - {relative}/components/settings\n"
+        + (f"namespace: {namespace}\n" if namespace else "")
+        + f"resources:\n  - {relative}/base\n"
+        + ("  - settings.yaml\n" if settings else f"  - {relative}/settings\n")
+        + "components:\n"
+        + "".join(f"  - {relative}/components/{name}\n" for name in COMPONENTS)
     )
-    objects = kustomize.render(directory)
-    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    return directory
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
+    directory = install(tmp_path_factory.mktemp("renamed"), "gpu-system", SETTINGS)
+    return {(o["kind"], o["metadata"]["name"]): o for o in kustomize.render(directory)}
 
 
 def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -57,21 +67,54 @@ def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     paths = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
     assert mounts["plugin-dir"] == paths["plugin-dir"] == "/var/lib/kubelet/plugins/gpu.example.com"
-    (subject,) = renamed[("ClusterRoleBinding", "unidra-kubelet-plugin")]["subjects"]
+    binding = renamed[("ClusterRoleBinding", "gpu-driver-kubelet-plugin")]
+    (subject,) = binding["subjects"]
     assert (subject["name"], subject["namespace"]) == ("gpu-driver", "gpu-system")
+    assert binding["roleRef"]["name"] == "gpu-driver-kubelet-plugin"
+    role = renamed[("ClusterRole", "gpu-driver-kubelet-plugin")]
+    named = [r for r in role["rules"] if "resourceNames" in r]
+    assert named == [
+        {
+            "apiGroups": ["resource.k8s.io"],
+            "resources": ["resourceclaims/driver"],
+            "resourceNames": ["gpu.example.com"],
+            "verbs": ["associated-node:update"],
+        }
+    ]
     classes = [o for (kind, _), o in renamed.items() if kind == "DeviceClass"]
     for item in classes:
+        assert item["metadata"]["name"].endswith(".gpu.example.com")
         expression = item["spec"]["selectors"][0]["cel"]["expression"]
         assert expression.startswith('device.driver == "gpu.example.com"')
         assert '"unidra.dev"' not in expression
-    opaque = renamed[("ValidatingAdmissionPolicy", "unidra-opaque-config")]
+    assert ("DeviceClass", "gpu.gpu.example.com") in renamed
+    opaque = renamed[("ValidatingAdmissionPolicy", "gpu-driver-opaque-config")]
     assert {"name": "driver", "expression": '"gpu.example.com"'} in opaque["spec"]["variables"]
+    for name in ("gpu-driver-opaque-config", "gpu-driver-resourceslices"):
+        binding = renamed[("ValidatingAdmissionPolicyBinding", name)]
+        assert binding["spec"]["policyName"] == name
+
+
+def test_no_cluster_wide_name_is_shared_with_the_default_install(
+    renamed: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
+) -> None:
+    """Two installs in one cluster: no cluster-scoped object of one overwrites the other's."""
+    default = {(o["kind"], o["metadata"]["name"]) for o in kustomize.render(install(tmp_path))}
+    assert ("NodeFeatureRule", "unidra-accelerators") in default
+    shared = {
+        (kind, name)
+        for kind, name in default & set(renamed)
+        if kind in kustomize.CLUSTER_SCOPED and kind != "Namespace"
+    }
+    assert shared == set()
+    extended = [o for o in renamed.values() if o.get("spec", {}).get("extendedResourceName")]
+    assert {o["spec"]["extendedResourceName"] for o in extended} >= {"gpu.example.com/gpu"}
 
 
 def test_the_renamed_policy_restricts_the_renamed_account(
     renamed: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    policy = renamed[("ValidatingAdmissionPolicy", "unidra-resourceslices")]
+    policy = renamed[("ValidatingAdmissionPolicy", "gpu-driver-resourceslices")]
     ours = resource_slice(driver="gpu.example.com")
     own = admission.evaluate(policy, slice_request("CREATE", "node-a", ours, user=ACCOUNT))
     assert own.matched and own.allowed, own.denials

@@ -6,6 +6,7 @@ backend's PCI match."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ KUBERNETES = "1.34.0"
 # Custom resources of other projects, which the Kubernetes schemas do not cover.
 CUSTOM = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("nfd.k8s-sigs.io/v1alpha1", "NodeFeatureRule"),
 }
 
@@ -340,4 +342,22 @@ def test_the_fleet_deployment_runs_a_real_command_and_is_scraped() -> None:
     )
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
         p["name"] for p in service["spec"]["ports"]
+    }
+
+
+def test_the_dashboard_and_alerts_install_as_components(everything: Path) -> None:
+    objects = by_kind(kustomize.render(everything))
+    dashboard = objects[("ConfigMap", "unidra-dashboard")]
+    assert dashboard["metadata"]["namespace"] == "unidra"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"  # Grafana's sidecar
+    source = MANIFESTS / "components/grafana-dashboard/unidra-dashboard.json"
+    assert dashboard["data"] == {"unidra-dashboard.json": source.read_text()}  # the file itself
+    assert json.loads(dashboard["data"]["unidra-dashboard.json"])["panels"]
+    rule = objects[("PrometheusRule", "unidra")]
+    assert rule["metadata"]["namespace"] == "unidra"
+    assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} >= {
+        "UnidraPluginNotRegistered",
+        "UnidraDeviceFailed",
+        "UnidraSlicePublicationFailing",
+        "UnidraPrepareErrors",
     }

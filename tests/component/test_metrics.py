@@ -32,6 +32,7 @@ from driver.model import DeviceSample, HealthEvent
 from driver.supervisor import Supervisor
 from support import cluster
 from support.claims import allocated_claim, result
+from support.promql import exported, grouping, selectors
 from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend
 
@@ -234,17 +235,11 @@ def test_a_monitor_that_dies_is_restarted_and_counted(
         instance.stop()
 
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "manifests" / "grafana" / "unidra-dashboard.json"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2]
+    / "manifests/components/grafana-dashboard/unidra-dashboard.json"
+)
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$node": ".*", "$vendor": ".*"}
-
-
-def exported(text: str) -> dict[str, set[str]]:
-    """Every sample name the driver exports, with the label names it carries."""
-    labels: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels.setdefault(sample.name, set()).update(sample.labels)
-    return labels
 
 
 def fleet_exported() -> dict[str, set[str]]:
@@ -272,42 +267,6 @@ def dashboard_queries() -> list[str]:
     for name, value in GRAFANA_VARIABLES.items():
         queries = [q.replace(name, value) for q in queries]
     return queries
-
-
-def walk(expr: object) -> Iterator[object]:
-    """Every node of a parsed PromQL expression, parents before children."""
-    yield expr
-    if isinstance(expr, promql_parser.MatrixSelector):
-        yield from walk(expr.vector_selector)
-    elif isinstance(expr, promql_parser.BinaryExpr):
-        yield from walk(expr.lhs)
-        yield from walk(expr.rhs)
-    elif isinstance(expr, promql_parser.Call):
-        for argument in expr.args:
-            yield from walk(argument)
-    elif isinstance(
-        expr,
-        promql_parser.AggregateExpr
-        | promql_parser.ParenExpr
-        | promql_parser.UnaryExpr
-        | promql_parser.SubqueryExpr,
-    ):
-        yield from walk(expr.expr)
-
-
-def selectors(expr: object) -> list[promql_parser.VectorSelector]:
-    return [node for node in walk(expr) if isinstance(node, promql_parser.VectorSelector)]
-
-
-def grouping(expr: object) -> Iterator[tuple[object, list[str]]]:
-    """(subexpression, labels) for every by/without and on/ignoring clause."""
-    for node in walk(expr):
-        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-            yield node.expr, list(node.modifier.labels)
-        elif isinstance(node, promql_parser.BinaryExpr) and getattr(
-            node.modifier, "matching", None
-        ):
-            yield node, list(node.modifier.matching.labels)
 
 
 def test_every_dashboard_query_names_metrics_and_labels_the_driver_exports(  # type: ignore[no-untyped-def]

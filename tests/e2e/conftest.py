@@ -38,16 +38,22 @@ def _unavailable() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    """A running cluster with one Ready node (`node-a`) on the fake CRI."""
+def kube_bin() -> Path:
+    """The directory of the Kubernetes binaries; the tests that use it skip (or fail) without it."""
     reason = _unavailable()
     if reason and os.environ.get("UNIDRA_E2E_REQUIRED"):
         pytest.fail(f"the e2e suite is required here, but {reason}")
     if reason:
         pytest.skip(reason)
+    return Path(os.environ[BIN_ENV])
+
+
+@pytest.fixture(scope="session")
+def cluster(kube_bin: Path) -> Iterator[LocalCluster]:
+    """A running cluster with one Ready node (`node-a`) on the fake CRI."""
     # Short: Unix socket paths under it must stay within 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="ue2e-", dir="/tmp"))
-    local = LocalCluster(Path(os.environ[BIN_ENV]), workdir)
+    local = LocalCluster(kube_bin, workdir)
     local.start()
     try:
         yield local

@@ -45,17 +45,26 @@ def daemonset_pod(cluster: LocalCluster, namespace: str = NAMESPACE) -> dict[str
     return on_node[0] if on_node else None
 
 
-def driver_kubeconfig(cluster: LocalCluster, namespace: str = NAMESPACE) -> Path:
+def driver_kubeconfig(
+    cluster: LocalCluster, namespace: str = NAMESPACE, account: str = "unidra"
+) -> Path:
     """Credentials as the DaemonSet's pod has them: a service-account token bound to that pod.
 
     A pod-bound token carries the node's name, which the ResourceSlice admission policy checks.
     """
+    return cluster.token_kubeconfig(
+        f"{account}-{namespace}", pod_token(cluster, namespace, account)
+    )
+
+
+def pod_token(cluster: LocalCluster, namespace: str = NAMESPACE, account: str = "unidra") -> str:
+    """A token of `account` bound to the DaemonSet's pod on the node, as kubelet projects it."""
     pod = daemonset_pod(cluster, namespace)
     assert pod is not None, "the DaemonSet has no pod on the node"
-    token = cluster.kubectl(
+    return cluster.kubectl(
         "create",
         "token",
-        "unidra",
+        account,
         "-n",
         namespace,
         "--bound-object-kind=Pod",
@@ -63,7 +72,6 @@ def driver_kubeconfig(cluster: LocalCluster, namespace: str = NAMESPACE) -> Path
         f"--bound-object-uid={pod['metadata']['uid']}",
         "--duration=6h",
     ).stdout.strip()
-    return cluster.token_kubeconfig(f"unidra-{namespace}", token)
 
 
 class PluginProcess:
@@ -74,12 +82,15 @@ class PluginProcess:
         cluster: LocalCluster,
         *,
         simulate: str = "dgx-h100",
+        driver: str = DRIVER,
+        kubeconfig: Path | None = None,
         args: Sequence[str] = (),
         pod_uid: str | None = None,
         name: str = "plugin",
         env: Mapping[str, str] | None = None,
         cdi_root: Path | None = None,
     ) -> None:
+        self.driver = driver
         self.cluster = cluster
         self.root = cluster.workdir / name
         self.root.mkdir(exist_ok=True)
@@ -93,7 +104,8 @@ class PluginProcess:
             "driver",
             "kubelet-plugin",
             f"--node-name={cluster.node_name}",
-            f"--kubeconfig={driver_kubeconfig(cluster)}",
+            f"--kubeconfig={kubeconfig or driver_kubeconfig(cluster)}",
+            f"--driver-name={driver}",
             f"--cdi-root={self.cdi_root}",
             f"--kubelet-registrar-directory-path={cluster.registrar_dir}",
             f"--kubelet-plugins-directory-path={cluster.plugins_dir}",
@@ -108,7 +120,7 @@ class PluginProcess:
 
     @property
     def plugin_dir(self) -> Path:
-        return self.cluster.plugins_dir / DRIVER
+        return self.cluster.plugins_dir / self.driver
 
     def start(self, wait: bool = True) -> PluginProcess:
         kubelet_log = self.cluster.components["kubelet"].output()
@@ -130,7 +142,8 @@ class PluginProcess:
                 )
             tail = self.cluster.components["kubelet"].output()[since:]
             return any(
-                "Registered DRA plugin" in line and DRIVER in line for line in tail.splitlines()
+                "Registered DRA plugin" in line and self.driver in line
+                for line in tail.splitlines()
             )
 
         wait_until(registered, timeout=timeout, what="kubelet to register the plugin")
@@ -158,7 +171,7 @@ class PluginProcess:
         return CheckpointStore(self.plugin_dir / "checkpoint.json", locks).read().claims
 
     def cdi_specs(self) -> list[Path]:
-        return sorted(self.cdi_root.glob(f"k8s.{DRIVER}-claim_*.json"))
+        return sorted(self.cdi_root.glob(f"k8s.{self.driver}-claim_*.json"))
 
     def __enter__(self) -> PluginProcess:
         return self.start()
@@ -378,6 +391,72 @@ def wait_published(
         return devices if len(devices) == count else None
 
     return wait_until(complete, timeout=timeout, what=f"{count} published devices")
+
+
+def type_checking(cluster: LocalCluster, policy: str) -> dict[str, Any]:
+    """A ValidatingAdmissionPolicy's status.typeChecking, once the API server has checked it."""
+
+    def checked() -> dict[str, Any] | None:
+        found = get(
+            cluster, f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{policy}"
+        )
+        assert found is not None, f"no ValidatingAdmissionPolicy {policy}"
+        status: dict[str, Any] = found.get("status", {})
+        done = status.get("observedGeneration") == found["metadata"]["generation"]
+        return status if done and "typeChecking" in status else None
+
+    typed: dict[str, Any] = wait_until(checked, timeout=30, what=f"{policy} to be type-checked")[
+        "typeChecking"
+    ]
+    return typed
+
+
+def probe_slice(node: str, driver: str = DRIVER) -> dict[str, Any]:
+    """A ResourceSlice of `driver` on `node`, for dry-run writes that admission judges."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-{driver}-admission-probe"},
+        "spec": {
+            "driver": driver,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": "gpu-0"}],
+        },
+    }
+
+
+def create_as(
+    cluster: LocalCluster, user: str, node: str, obj: Mapping[str, Any]
+) -> tuple[int, str]:
+    """`kubectl create --dry-run=server` as `user` with a token bound to `node`: (exit code, stderr)."""
+    done = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "-f",
+        "-",
+        f"--as={user}",
+        f"--as-user-extra=authentication.kubernetes.io/node-name={node}",
+        input=json.dumps(obj),
+        check=False,
+    )
+    return done.returncode, done.stderr
+
+
+def can_i(cluster: LocalCluster, user: str, verb: str, resource: str) -> bool:
+    """`kubectl auth can-i` as `user`; `resource` may carry /subresource/name."""
+    resource, _, rest = resource.partition("/")
+    subresource, _, name = rest.partition("/")
+    done = cluster.kubectl(
+        "auth",
+        "can-i",
+        verb,
+        f"{resource}/{name}" if name else resource,
+        *([f"--subresource={subresource}"] if subresource else []),
+        f"--as={user}",
+        check=False,
+    )
+    return done.stdout.strip() == "yes"
 
 
 def wait_seconds_for(probe: Any, seconds: float) -> None:

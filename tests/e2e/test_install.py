@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e.plugin import NAMESPACE, PluginProcess, ensure_namespace, get, published_devices
+from e2e.plugin import (
+    NAMESPACE,
+    PluginProcess,
+    can_i,
+    create_as,
+    ensure_namespace,
+    probe_slice,
+    published_devices,
+    type_checking,
+)
 
 from driver.localcluster import LocalCluster
-from support.waiting import wait_until
 
 SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:unidra"
 POLICIES = ("unidra-resourceslices", "unidra-opaque-config")
@@ -24,32 +32,7 @@ def test_kubectl_apply_of_the_simulated_overlay_is_accepted_without_warnings(
 def test_the_admission_policy_type_checks_on_the_real_api_server(
     cluster: LocalCluster, installed: str, policy: str
 ) -> None:
-    def checked() -> dict | None:  # type: ignore[type-arg]
-        found = get(
-            cluster, f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{policy}"
-        )
-        assert found is not None
-        status = found.get("status", {})
-        done = status.get("observedGeneration") == found["metadata"]["generation"]
-        return status if done and "typeChecking" in status else None
-
-    status = wait_until(checked, timeout=30, what=f"{policy} to be type-checked")
-    assert status["typeChecking"].get("expressionWarnings", []) == []
-
-
-def _can_i(cluster: LocalCluster, verb: str, resource: str) -> bool:
-    resource, _, rest = resource.partition("/")
-    subresource, _, name = rest.partition("/")
-    done = cluster.kubectl(
-        "auth",
-        "can-i",
-        verb,
-        f"{resource}/{name}" if name else resource,
-        *([f"--subresource={subresource}"] if subresource else []),
-        f"--as={SERVICE_ACCOUNT}",
-        check=False,
-    )
-    return done.stdout.strip() == "yes"
+    assert type_checking(cluster, policy).get("expressionWarnings", []) == []
 
 
 @pytest.mark.parametrize(
@@ -69,7 +52,7 @@ def _can_i(cluster: LocalCluster, verb: str, resource: str) -> bool:
 def test_the_service_account_may_do_what_the_driver_does(
     cluster: LocalCluster, installed: str, verb: str, resource: str
 ) -> None:
-    assert _can_i(cluster, verb, resource)
+    assert can_i(cluster, SERVICE_ACCOUNT, verb, resource)
 
 
 @pytest.mark.parametrize(
@@ -93,43 +76,15 @@ def test_the_service_account_may_do_what_the_driver_does(
 def test_the_service_account_may_do_nothing_more(
     cluster: LocalCluster, installed: str, verb: str, resource: str
 ) -> None:
-    assert not _can_i(cluster, verb, resource)
-
-
-def _slice(node: str) -> dict:  # type: ignore[type-arg]
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceSlice",
-        "metadata": {"name": f"{node}-unidra-admission-probe"},
-        "spec": {
-            "driver": "unidra.dev",
-            "nodeName": node,
-            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
-            "devices": [{"name": "gpu-0"}],
-        },
-    }
-
-
-def _create_as_driver_on(cluster: LocalCluster, node: str, obj: dict) -> tuple[int, str]:  # type: ignore[type-arg]
-    done = cluster.kubectl(
-        "create",
-        "--dry-run=server",
-        "-f",
-        "-",
-        f"--as={SERVICE_ACCOUNT}",
-        f"--as-user-extra=authentication.kubernetes.io/node-name={node}",
-        input=json.dumps(obj),
-        check=False,
-    )
-    return done.returncode, done.stderr
+    assert not can_i(cluster, SERVICE_ACCOUNT, verb, resource)
 
 
 def test_a_resourceslice_for_another_node_is_denied(cluster: LocalCluster, installed: str) -> None:
-    code, error = _create_as_driver_on(cluster, "node-a", _slice("node-b"))
+    code, error = create_as(cluster, SERVICE_ACCOUNT, "node-a", probe_slice("node-b"))
     assert code != 0
     assert "unidra-resourceslices" in error
     assert "may write only ResourceSlices with spec.nodeName node-a" in error
-    code, error = _create_as_driver_on(cluster, "node-a", _slice("node-a"))
+    code, error = create_as(cluster, SERVICE_ACCOUNT, "node-a", probe_slice("node-a"))
     assert code == 0, error
 
 

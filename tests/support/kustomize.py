@@ -2,7 +2,8 @@
 
 Supports what manifests/ uses: `resources` (files and directories), `components`, inline
 JSON 6902 `patches` with a kind/name target, `replacements` (with delimiter and index options),
-`namespace`, and dropping `config.kubernetes.io/local-config` objects. `render` prefers a real
+`namespace`, `configMapGenerator` with `files` and unhashed names, and dropping
+`config.kubernetes.io/local-config` objects. `render` prefers a real
 kubectl (the lab's Kubernetes 1.36 one, else one on PATH); tests compare the two so this
 stand-in cannot drift from kustomize.
 """
@@ -73,7 +74,25 @@ def _apply_component(directory: Path, objects: list[dict[str, Any]]) -> list[dic
     assert spec["kind"] == "Component", directory
     for entry in spec.get("resources", []):
         objects = objects + [o for o in yaml.safe_load_all((directory / entry).read_text()) if o]
-    return _transform(spec, objects)
+    return _transform(spec, objects + _generated(directory, spec))
+
+
+def _generated(directory: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """ConfigMaps of `configMapGenerator`, from files (names without a hash suffix only)."""
+    generated = []
+    for generator in spec.get("configMapGenerator", []):
+        options = generator.get("options") or {}
+        assert options.get("disableNameSuffixHash"), "only unhashed generated names"
+        metadata: dict[str, Any] = {"name": generator["name"]}
+        if generator.get("namespace"):
+            metadata["namespace"] = generator["namespace"]
+        if options.get("labels"):
+            metadata["labels"] = dict(options["labels"])
+        data = {Path(f).name: (directory / f).read_text() for f in generator.get("files", [])}
+        generated.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+        )
+    return generated
 
 
 def _transform(spec: dict[str, Any], objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
