@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 from driver import __version__, backends, inspect, inventory, logs, sharing
 from driver.backends import BackendContext
 from driver.errors import ConfigError, UnidraError
-from driver.fleet import DEFAULT_JOB_SIZES
+from driver.fleet.view import DEFAULT_JOB_SIZES
 from driver.settings import DEFAULT_DRIVER_NAME, Settings, check_driver_name, metrics_endpoint
 
 PLUGINS_DIR = "/var/lib/kubelet/plugins"
@@ -645,7 +645,7 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from driver import fleet_service
+    from driver.fleet import service as fleet_service
 
     sizes = []
     for item in args.job_sizes.split(","):

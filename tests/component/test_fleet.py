@@ -21,8 +21,8 @@ import yaml
 
 from driver import cli, kubeapi
 from driver.demo.apiserver import ApiServer as FakeApiServer
-from driver.fleet import KINDS
-from driver.fleet_watch import FleetWatcher
+from driver.fleet.view import KINDS
+from driver.fleet.watch import FleetWatcher
 from driver.supervisor import Supervisor
 from support import cluster
 from support.waiting import wait_until

@@ -291,8 +291,8 @@ def fleet_objects() -> dict[tuple[str, str], dict[str, Any]]:
 def test_the_fleet_role_grants_exactly_the_reads_the_fleet_makes(
     api: FakeApiServer, tmp_path: Path
 ) -> None:
-    from driver import fleet_service
-    from driver.fleet import KINDS
+    from driver.fleet import service as fleet_service
+    from driver.fleet.view import KINDS
 
     role = fleet_objects()[("ClusterRole", "unidra-fleet")]
     granted = _granted(role)

@@ -21,8 +21,8 @@ from driver import daemon
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore
 from driver.demo.apiserver import ApiServer as FakeApiServer
-from driver.fleet import DEFAULT_JOB_SIZES, Fleet, summarize_models
-from driver.fleet_metrics import FleetCollector, Summary
+from driver.fleet.metrics import FleetCollector, Summary
+from driver.fleet.view import DEFAULT_JOB_SIZES, Fleet, summarize_models
 from driver.health import HealthBoard
 from driver.inventory import LiveInventory
 from driver.kubelet import client as kubelet

@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from driver import kubeapi
 from driver.demo.apiserver import ApiServer as FakeApiServer
-from driver.fleet_metrics import FleetCollector
-from driver.fleet_service import FleetOptions, run
-from driver.fleet_watch import FleetWatcher
+from driver.fleet.metrics import FleetCollector
+from driver.fleet.service import FleetOptions, run
+from driver.fleet.watch import FleetWatcher
 from support import cluster
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"

@@ -13,7 +13,7 @@ import yaml
 
 from driver import inventory, slices
 from driver.backends import BackendContext
-from driver.fleet import Fleet
+from driver.fleet.view import Fleet
 from support import cluster, dra_cel
 from vendors.simulated import SimulatedBackend
 

@@ -36,7 +36,7 @@ from e2e.plugin import (
     wait_unprepared,
 )
 
-from driver.fleet import KINDS
+from driver.fleet.view import KINDS
 from driver.localcluster import LocalCluster, free_port
 from support.waiting import wait_until
 

@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from driver import fleet_render
-from driver.fleet import Fleet, Group, Report, fragmentation
+from driver.fleet import render as fleet_render
+from driver.fleet.view import Fleet, Group, Report, fragmentation
 from support import cluster
 
 NAMES = cluster.device_names()  # the 8 GPUs of a dgx-h100, in PCI order

@@ -12,10 +12,11 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
-from driver import fleet_render, kubeapi
-from driver.fleet import DEFAULT_JOB_SIZES, KINDS
-from driver.fleet_metrics import FleetCollector, recompute_histogram
-from driver.fleet_watch import FleetWatcher
+from driver import kubeapi
+from driver.fleet import render as fleet_render
+from driver.fleet.metrics import FleetCollector, recompute_histogram
+from driver.fleet.view import DEFAULT_JOB_SIZES, KINDS
+from driver.fleet.watch import FleetWatcher
 from driver.metrics import serve_http
 from driver.supervisor import Supervisor
 

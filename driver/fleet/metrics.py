@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from driver.fleet import KINDS, STATES, Group, Kind, ModelSummary, Sync
+from driver.fleet.view import KINDS, STATES, Group, Kind, ModelSummary, Sync
 
 GROUP_LABELS = (
     "dra_driver",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from driver.errors import UnidraError
-from driver.fleet import (
+from driver.fleet.view import (
     DEFAULT_JOB_SIZES,
     KINDS,
     Fleet,

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from driver.fleet import (
+from driver.fleet.view import (
     STATES,
     ClaimView,
     DeviceView,
