@@ -115,6 +115,20 @@ def _seconds(parser: argparse.ArgumentParser, flag: str, default: float, help: s
     )
 
 
+def _switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off flag: `--flag`, `--flag=false`, or its environment variable."""
+    env = _env_name(flag)
+    parser.add_argument(
+        flag,
+        nargs="?",
+        const=True,
+        type=BOOLEAN,
+        default=_env(env) or False,
+        metavar="BOOL",
+        help=f"{help} [env {env}: true or false]",
+    )
+
+
 def _directory(parser: argparse.ArgumentParser, flag: str, default: str, help: str) -> None:
     env = _env_name(flag)
     parser.add_argument(
@@ -163,28 +177,19 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
         "BACKEND.KEY=VALUE",
         "an option for one backend, e.g. nvidia.ignore-xids=119",
     )
-    parser.add_argument(
+    _switch(
+        parser,
         "--partitions",
-        nargs="?",
-        const=True,
-        type=BOOLEAN,
-        default=_env("UNIDRA_PARTITIONS") or False,
-        metavar="BOOL",
-        help="also publish partitions sharing counters with their device, for the backends that can "
+        "also publish partitions sharing counters with their device, for the backends that can "
         "prepare them (simulated, furiosa; see docs/backends.md); needs Kubernetes 1.35+ with "
-        "DRAPartitionableDevices [env UNIDRA_PARTITIONS: true or false]",
+        "DRAPartitionableDevices",
     )
-    parser.add_argument(
+    _switch(
+        parser,
         "--sharing",
-        nargs="?",
-        const=True,
-        type=BOOLEAN,
-        default=_env("UNIDRA_SHARING") or False,
-        metavar="BOOL",
-        help="publish devices that can be shared as shareable: claims get shares of memory and "
+        "publish devices that can be shared as shareable: claims get shares of memory and "
         "compute units (consumable capacity, Kubernetes 1.36+); narrow it with "
-        "--backend-option BACKEND.sharing=off|all|MODEL[|MODEL...] (docs/sharing.md) "
-        "[env UNIDRA_SHARING: true or false]",
+        "--backend-option BACKEND.sharing=off|all|MODEL[|MODEL...] (docs/sharing.md)",
     )
     _directory(
         parser,
