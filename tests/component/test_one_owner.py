@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from driver import control, instances
-from support import kubelet
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
+from driver.kubelet import client as kubelet
 from support.claims import allocated_claim, result
 from support.processes import Process, checkpoint_claims
 from support.unix import listening, stale

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from driver.model import HealthEvent
 from support import commands
-from support.apiserver import FakeApiServer
 from support.claims import allocated_claim, result
 from support.processes import Process
 from support.waiting import wait_until

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from driver import cdi, durable
-from support.apiserver import FakeApiServer
+from driver.demo.apiserver import ApiServer as FakeApiServer
 from support.claims import allocated_claim, result
 from support.processes import checkpoint_claims
 
