@@ -1,8 +1,10 @@
 """PREPARE and UNPREPARE claims: plan (pure) -> CDI spec -> checkpoint entry.
 
-The claim is fetched from the API before any lock is taken. The CDI spec is made durable before
-the claim is recorded, and unprepare drops the record before the spec, so a recorded claim
-always has its spec. A spec without a record is a prepare that failed or died before answering
+The claim is fetched from the API before any lock is taken. The CDI spec is written before the
+claim is recorded, and unprepare drops the record before the spec, so a recorded claim always
+has its spec. The record is the one durable write (group-committed with concurrent calls); the
+spec is only atomic: a power loss may take it, and recovery rewrites it from the record before
+kubelet is served. A spec without a record is a prepare that failed or died before answering
 kubelet, or an unprepare that died before finishing: recovery removes it, kubelet retries. A
 prepare whose record cannot be written removes its spec before answering. Everything after the
 fetch is idempotent: a recorded claim is answered from the checkpoint without side effects, and
@@ -75,6 +77,9 @@ PHASES = (
     "conflict_check",
     "cdi_write",
     "checkpoint_write",
+    # Observed per call by the gRPC handler: its time outside running the claims (reading the
+    # request, the call's deadline, building the answer).
+    "handler",
 )
 
 
@@ -85,6 +90,7 @@ class RecoveryReport:
     rebuilt_from_cdi: tuple[str, ...] = ()
     corrupt_checkpoint: str | None = None
     rebooted: bool = False
+    restored_from_slots: str | None = None
 
 
 class Preparer:
@@ -141,16 +147,20 @@ class Preparer:
             cdi.write_spec(path, plan.spec)
             started = timings.mark("cdi_write", started)
             crashpoints.hit("prepare-after-cdi")
+            record = PreparedClaim(
+                uid=ref.uid,
+                namespace=ref.namespace,
+                name=ref.name,
+                devices=plan.devices,
+                consumers=claim.reserved_for,
+            )
+
+            def add(checkpoint: Checkpoint) -> None:
+                self._check_conflicts(checkpoint, ref, plan.devices)
+                checkpoint.claims[ref.uid] = record
+
             try:
-                with self.store.update() as checkpoint:
-                    self._check_conflicts(checkpoint, ref, plan.devices)
-                    checkpoint.claims[ref.uid] = PreparedClaim(
-                        uid=ref.uid,
-                        namespace=ref.namespace,
-                        name=ref.name,
-                        devices=plan.devices,
-                        consumers=claim.reserved_for,
-                    )
+                self.store.commit(add)
             except Exception:
                 # Not recorded (another claim took the device meanwhile, or the disk refused):
                 # kubelet gets an error, so no spec may stay behind to be found by a container.
@@ -174,10 +184,9 @@ class Preparer:
         deadline = deadline or Deadline.for_call(None)
         deadline.check(f"unpreparing claim {ref}")
         with self.locks.claim(ref.uid, timeout=deadline.remaining()):
-            with self.store.update() as checkpoint:
-                known = checkpoint.claims.pop(ref.uid, None) is not None
+            known = self.store.commit(lambda checkpoint: bool(checkpoint.claims.pop(ref.uid, None)))
             crashpoints.hit("unprepare-after-record-removed")
-            removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
+            removed = cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
         if known or removed:
             log.info("Unprepared claim", extra={"claim": str(ref), "uid": ref.uid})
 
@@ -194,6 +203,9 @@ class Preparer:
         durable.remove_stale_temporaries(self.store.path.parent, f"{self.store.path.name}.")
         corrupt = None
         rebuilt: list[str] = []
+        restored = self.store.restore_from_slots()
+        if restored:
+            log.warning("Checkpoint restored from its durable copy", extra={"reason": restored})
         with self.locks.state():
             try:
                 checkpoint = self.store.read()
@@ -224,7 +236,7 @@ class Preparer:
             for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
                 if uid not in checkpoint.claims:
                     with self.locks.try_claim(uid) as free:
-                        if free and durable.remove(path):
+                        if free and cdi.remove_spec(path):
                             orphans.append(uid)
         report = RecoveryReport(
             rewritten=tuple(rewritten),
@@ -232,6 +244,7 @@ class Preparer:
             rebuilt_from_cdi=tuple(rebuilt),
             corrupt_checkpoint=corrupt,
             rebooted=rebooted,
+            restored_from_slots=restored,
         )
         _log_recovery(report)
         return report
@@ -393,7 +406,7 @@ class Preparer:
 
     def _remove_unrecorded(self, ref: ClaimRef, path: Path) -> None:
         try:
-            durable.remove(path)
+            cdi.remove_spec(path)
         except UnidraError as err:  # recovery removes it at the next start
             log.error(
                 "Cannot remove the CDI spec of a claim that was not prepared",
