@@ -37,7 +37,7 @@ from benchkit import (
     Process,
     bench_profile,
     gpu,
-    means,
+    means_over,
     ok,
     summary,
     timed,
@@ -270,13 +270,15 @@ def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]
             }
             for driver in drivers:  # warm both: connections, caches, first slices
                 sequential_round(driver, [claims.make(driver, [0]) for _ in range(10)], pace)
-            phases_before = unidra.scrape() if unidra.scrape else ""
+            windows: dict[str, list[tuple[str, str]]] = {name: [] for name in scenarios}
             for number in range(rounds):
                 order = drivers if number % 2 == 0 else drivers[::-1]
                 for name, scenario in scenarios.items():
                     for driver in order:
+                        before = driver.scrape() if driver.scrape else ""
                         driver.rounds.setdefault(name, []).append(scenario(driver))
-            phases_after = unidra.scrape() if unidra.scrape else ""
+                        if driver.scrape:
+                            windows[name].append((before, driver.scrape()))
             report: dict[str, Any] = {
                 "machine": {"cpus": os.cpu_count(), "kube_bin": str(kube_bin)},
                 "rounds": rounds,
@@ -302,15 +304,38 @@ def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]
             report["rss_ratio_unidra_to_go"] = round(
                 report["rss_mib"]["unidra"] / report["rss_mib"]["go-reference"], 2
             )
-            report["unidra_phases_mean_ms"] = means(
-                phases_before, phases_after, "unidra_prepare_phase_seconds", "phase"
-            )
-            report["unidra_in_driver_mean_ms"] = means(
-                phases_before, phases_after, "unidra_operation_duration_seconds", "operation"
-            )
+            report["unidra_where_the_time_goes_mean_ms"] = {
+                name: where_the_time_goes(unidra.rounds[name], windows[name]) for name in scenarios
+            }
             return report
     finally:
         cluster.stop()
+
+
+def where_the_time_goes(rounds: list[dict[str, Any]], windows: list[tuple[str, str]]) -> Any:
+    """Unidra's own histograms against what the client saw, as means per call (1 claim each)."""
+    phases = means_over(windows, "unidra_prepare_phase_seconds", "phase")
+    calls = means_over(windows, "unidra_call_duration_seconds", "operation")
+    claims = means_over(windows, "unidra_operation_duration_seconds", "operation")
+    found: dict[str, dict[str, float]] = {}
+    for call in ("prepare", "unprepare"):
+        client = statistics.fmean(r[call]["mean_ms"] for r in rounds)
+        entry = {
+            "client": round(client, 3),
+            # Both ends of the gRPC call, the socket, and the wait for a worker thread.
+            "outside_the_handler": round(client - calls.get(call, 0.0), 3),
+            "in_the_handler": calls.get(call, 0.0),
+            "in_the_claim": claims.get(call, 0.0),
+        }
+        if call == "prepare":
+            in_phases = {k: v for k, v in phases.items() if k != "handler"}
+            entry.update(in_phases)
+            entry["handler"] = phases.get("handler", 0.0)
+            entry["claim_outside_phases"] = round(
+                entry["in_the_claim"] - sum(in_phases.values()), 3
+            )
+        found[call] = entry
+    return found
 
 
 def table(report: dict[str, Any]) -> str:
