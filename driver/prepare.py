@@ -397,8 +397,9 @@ class Preparer:
         return checkpoint
 
     def _maybe_recorded(self, uid: str) -> bool:
-        """Whether the record may have landed after all (a write that failed only at its
-        directory sync): then the spec must stay, and kubelet's retry answers from the record."""
+        """Whether the record may have landed after all (a write that failed only at making it
+        durable: the directory sync, or the durable copy): then the spec must stay, and kubelet's
+        retry answers from the record."""
         try:
             return uid in self.store.read().claims
         except UnidraError:
