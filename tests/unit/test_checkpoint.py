@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -179,3 +180,17 @@ def test_concurrent_changes_share_one_write_and_fail_alone(tmp_path: Path) -> No
     assert sorted(store.read().claims) == ["c0", "c1", "c2", "c3"]  # "half" was undone
     assert isinstance(outcomes.pop("refused"), ValueError)
     assert list(outcomes.values()) == [claim] * 4
+
+
+def test_an_older_unidra_reads_a_version_with_a_generation(tmp_path: Path) -> None:
+    # What an older reader does (v1 without generations): pop the checksum, hash the canonical
+    # rest, read bootID and claims; the generation is one more field under the checksum.
+    data = encode(Checkpoint("boot", sample().claims, generation=7))
+    body = json.loads(data)
+    stored = body.pop("checksum")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert stored == "sha256:" + hashlib.sha256(canonical).hexdigest()
+    assert body["generation"] == 7 and body["claims"][0]["uid"] == "u"
+    # What it writes back has no generation: that reads as generation 0, an older writer.
+    assert b"generation" not in encode(Checkpoint("boot", sample().claims))
+    assert decode(encode(Checkpoint("boot", sample().claims))).generation == 0
