@@ -3,6 +3,13 @@
 Each claim gets one transient spec `k8s.<driver>-claim_<claimUID>.json` in the CDI root, of kind
 `k8s.<driver>/claim`, with one CDI device `<claimUID>-<device>` per allocated device. The spec
 declares the lowest `cdiVersion` its content needs, so runtimes with older CDI libraries load it.
+
+Specs are written and removed atomically but not durably (no fsync). A spec is derived from the
+checkpoint: it is written before its claim is recorded and removed after the record is gone,
+and at start, before kubelet is served, recovery rewrites the spec of every recorded claim that
+is missing or differs and removes every spec without a record. What a power loss undoes here
+is therefore repaired before anyone can use it (and on the usual tmpfs `/var/run/cdi` the specs
+are gone after a reboot anyway); kill -9 undoes nothing, the page cache survives it.
 """
 
 from __future__ import annotations
@@ -126,9 +133,13 @@ def minimum_version(spec: Mapping[str, Any]) -> str:
 
 def write_spec(path: Path, spec: Mapping[str, Any]) -> None:
     """Atomically write a spec; world-readable because runtimes and CDI tools read it."""
-    durable.write_bytes(
-        path, json.dumps(spec, indent=2, sort_keys=False).encode() + b"\n", mode=0o644
-    )
+    # One line: json's C encoder only serves unindented output (indent=2 cost 0.4 ms of CPU).
+    durable.write_bytes(path, json.dumps(spec).encode() + b"\n", mode=0o644, sync=False)
+
+
+def remove_spec(path: Path) -> bool:
+    """Remove a spec atomically; returns whether it existed."""
+    return durable.remove(path, sync=False)
 
 
 def read_spec(path: Path) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """Claim device status (KEP-4817): our devices in a claim's `status.devices`, kept current with their health.
 
 Writes happen in a background thread from a queue, once a burst of prepares has settled, so a
-slow or failing API server never delays or fails a prepare. Entries of other drivers are kept;
-ours are replaced; a conflict re-reads the claim and tries again.
+slow or failing API server never delays or fails a prepare. A claim prepared and unprepared
+again before its status was written has nothing to show and costs no API call. Entries of
+other drivers are kept; ours are replaced; a conflict re-reads the claim and tries again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ MAX_ATTEMPTS = 5
 SETTLE_SECONDS = 0.05
 MAX_BATCH_SECONDS = 1.0  # under sustained prepares, write at least this often
 
+# Why a claim is queued: the writes differ only in what a prepare followed by an unprepare can cancel.
+PREPARED, UNPREPARED, RECHECK = "prepared", "unprepared", "recheck"
+
 
 class ClaimStatusWriter:
     def __init__(
@@ -47,7 +51,7 @@ class ClaimStatusWriter:
         self.store = store
         self.board = board
         self.inventory = inventory
-        self._queue: queue.Queue[tuple[ClaimRef, int]] = queue.Queue()
+        self._queue: queue.Queue[tuple[ClaimRef, int, str]] = queue.Queue()
         self._health: dict[str, tuple[HealthStatus, str]] = {}
         self._current: set[str] = (
             set()
@@ -57,11 +61,11 @@ class ClaimStatusWriter:
 
     def prepared(self, ref: ClaimRef) -> None:
         if ref.uid not in self._current:  # kubelet repeating a prepare costs no API call
-            self._queue.put((ref, 0))
+            self._queue.put((ref, 0, PREPARED))
 
     def unprepared(self, ref: ClaimRef) -> None:
         self._current.discard(ref.uid)
-        self._queue.put((ref, 0))
+        self._queue.put((ref, 0, UNPREPARED))
 
     def health_changed(self) -> None:
         """Re-write the claims whose devices changed health."""
@@ -73,7 +77,7 @@ class ClaimStatusWriter:
             if any(
                 self._health.get(f"{claim.uid}/{name}") != status for name, status in now.items()
             ):
-                self._queue.put((ClaimRef(claim.namespace, claim.name, claim.uid), 0))
+                self._queue.put((ClaimRef(claim.namespace, claim.name, claim.uid), 0, RECHECK))
 
     def loop(self, stop: threading.Event) -> None:
         backoff = Backoff(initial=0.5, cap=30.0)
@@ -90,7 +94,7 @@ class ClaimStatusWriter:
                     self.failures += 1
                     if attempt + 1 < MAX_ATTEMPTS:
                         stop.wait(backoff.next())
-                        self._queue.put((ref, attempt + 1))
+                        self._queue.put((ref, attempt + 1, RECHECK))
                     else:
                         log.warning(
                             "Giving up on a claim status update",
@@ -102,26 +106,34 @@ class ClaimStatusWriter:
         (or MAX_BATCH_SECONDS after the first one, so sustained load cannot starve them).
 
         Writing waits out a burst of prepares rather than competing with them for the
-        interpreter, and a claim asked for twice in the burst is written once.
+        interpreter, and a claim asked for twice in the burst is written once. A claim whose
+        prepare is in the batch and whose status we never wrote needs nothing when it is
+        unprepared again: it leaves the batch.
         """
-        batch: dict[str, tuple[ClaimRef, int]] = {}
+        batch: dict[str, tuple[ClaimRef, int, str]] = {}
         deadline = float("inf")
         while not stop.is_set():
             now = time.monotonic()
             if now >= deadline:
-                return batch
+                return {uid: (ref, attempt) for uid, (ref, attempt, _) in batch.items()}
             try:
-                ref, attempt = self._queue.get(
-                    timeout=min(SETTLE_SECONDS, deadline - now) if batch else 0.2
+                ref, attempt, why = self._queue.get(
+                    timeout=min(SETTLE_SECONDS, deadline - now) if deadline < float("inf") else 0.2
                 )
             except queue.Empty:
                 if batch:
-                    return batch
+                    return {uid: (ref, attempt) for uid, (ref, attempt, _) in batch.items()}
                 continue
-            if not batch:
+            if deadline == float("inf"):
                 deadline = time.monotonic() + MAX_BATCH_SECONDS
-            batch[ref.uid] = (ref, max(attempt, batch.get(ref.uid, (ref, 0))[1]))
-        return batch
+            queued = batch.get(ref.uid)
+            if why == UNPREPARED and queued is not None and queued[2] == PREPARED:
+                del batch[ref.uid]  # never written, now unprepared: nothing to show or remove
+                continue
+            if queued is not None:
+                attempt, why = max(attempt, queued[1]), (why if why != PREPARED else queued[2])
+            batch[ref.uid] = (ref, attempt, why)
+        return {uid: (ref, attempt) for uid, (ref, attempt, _) in batch.items()}
 
     def _write(self, ref: ClaimRef) -> None:
         for _ in range(3):

@@ -310,7 +310,7 @@ def _start(
     metrics.registered.set_function(lambda: 1.0 if registration.registered else 0.0)
 
     def serve_dra(server: Any) -> None:
-        add_dra_services(server, operations, runner)
+        add_dra_services(server, operations, runner, metrics.observe_call)
         stream.add_to(server)
 
     servers = PluginServers(

@@ -1,9 +1,13 @@
 """The Kubernetes API edge: the `kubernetes` client's ApiClient, speaking raw JSON.
 
-Requests go through the client's ApiClient (kubeconfig and in-cluster auth, TLS, connection
-pool, ApiException) but not through its generated API classes: objects stay JSON, so fields
-newer than the installed client's models are never dropped, and the classes' per-call pydantic
-validators, which cost about 25 MiB of memory to load (CoreV1Api alone 21 MiB), are never built.
+Requests use what the client's ApiClient builds from a kubeconfig or the in-cluster service
+account (its Configuration: host, token and its refresh; its urllib3 pool manager: TLS, client
+certificates, proxy, kept-alive connections) and ApiException, but not its generated API classes:
+objects stay JSON, so fields newer than the installed client's models are never dropped, and the
+classes' per-call pydantic validators, which cost about 25 MiB of memory to load (CoreV1Api
+alone 21 MiB), are never built. Requests skip the ApiClient's generic request building
+(`param_serialize`, `call_api`): for a JSON path and query it only copies headers and walks the
+body, and skipping it takes a quarter off a claim GET.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 from kubernetes import client, config
@@ -104,10 +108,14 @@ NAMED_BY_DRIVER = frozenset({"resourceclaims/driver"})
 
 
 class Rest:
-    """JSON requests through an ApiClient; failures become per-claim or retryable errors."""
+    """JSON requests with an ApiClient's configuration and pool; failures become per-claim or
+    retryable errors."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
+        self.configuration = api_client.configuration
+        self.pool: urllib3.PoolManager = api_client.rest_client.pool_manager
+        self.headers = {**api_client.default_headers, "Accept": "application/json"}
 
     def json(
         self,
@@ -145,22 +153,27 @@ class Rest:
         timeout: tuple[float, float],
     ) -> Any:
         """The unread urllib3 response of a 2xx answer; ApiException otherwise."""
-        headers = {"Accept": "application/json"}
+        headers = dict(self.headers)
+        # Asked for at every request: the configuration refreshes an expiring token here.
+        for auth in self.configuration.auth_settings().values():
+            headers[auth["key"]] = auth["value"]
+        data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-        serialized = self.api_client.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
+            data = json.dumps(body).encode()
+        response: Any = self.pool.request(
+            method,
+            self.configuration.host + path + (f"?{urlencode(query)}" if query else ""),
+            body=data,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            retries=False,
+            preload_content=False,
         )
-        response: Any = self.api_client.call_api(*serialized, _request_timeout=timeout)
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+        return response
 
 
 class ClaimReader:

@@ -1,8 +1,10 @@
 """PREPARE and UNPREPARE claims: plan (pure) -> CDI spec -> checkpoint entry.
 
-The claim is fetched from the API before any lock is taken. The CDI spec is made durable before
-the claim is recorded, and unprepare drops the record before the spec, so a recorded claim
-always has its spec. A spec without a record is a prepare that failed or died before answering
+The claim is fetched from the API before any lock is taken. The CDI spec is written before the
+claim is recorded, and unprepare drops the record before the spec, so a recorded claim always
+has its spec. The record is the one durable write (group-committed with concurrent calls); the
+spec is only atomic: a power loss may take it, and recovery rewrites it from the record before
+kubelet is served. A spec without a record is a prepare that failed or died before answering
 kubelet, or an unprepare that died before finishing: recovery removes it, kubelet retries. A
 prepare whose record cannot be written removes its spec before answering. Everything after the
 fetch is idempotent: a recorded claim is answered from the checkpoint without side effects, and
@@ -94,6 +96,9 @@ PHASES = (
     "conflict_check",
     "cdi_write",
     "checkpoint_write",
+    # Observed per call by the gRPC handler: its time outside running the claims (reading the
+    # request, the call's deadline, building the answer).
+    "handler",
 )
 
 
@@ -104,6 +109,7 @@ class RecoveryReport:
     rebuilt_from_cdi: tuple[str, ...] = ()
     corrupt_checkpoint: str | None = None
     rebooted: bool = False
+    restored_from_slots: str | None = None
 
 
 class Preparer:
@@ -183,20 +189,23 @@ class Preparer:
             cdi.write_spec(path, plan.spec)
             started = timings.mark("cdi_write", started)
             crashpoints.hit("prepare-after-cdi")
+            record = PreparedClaim(
+                uid=ref.uid,
+                namespace=ref.namespace,
+                name=ref.name,
+                devices=plan.devices,
+                consumers=claim.reserved_for,
+            )
+
+            def add(checkpoint: Checkpoint) -> None:
+                self._check_conflicts(checkpoint, ref, plan)
+                checkpoint.claims[ref.uid] = record
+                # Under the checkpoint lock, so the last share of a device unprepared at the
+                # same time cannot tear down what this one needs. Failing here records nothing.
+                self._apply_sharing(checkpoint, _shared_devices(plan.devices), strict=True)
+
             try:
-                with self.store.update() as checkpoint:
-                    self._check_conflicts(checkpoint, ref, plan)
-                    checkpoint.claims[ref.uid] = PreparedClaim(
-                        uid=ref.uid,
-                        namespace=ref.namespace,
-                        name=ref.name,
-                        devices=plan.devices,
-                        consumers=claim.reserved_for,
-                    )
-                    # Under the checkpoint lock, so the last share of a device unprepared at
-                    # the same time cannot tear down what this one needs. Failing here records
-                    # nothing.
-                    self._apply_sharing(checkpoint, _shared_devices(plan.devices), strict=True)
+                self.store.commit(add)
             except Exception:
                 # Not recorded (another claim took the device meanwhile, sharing could not be set
                 # up, or the disk refused): kubelet gets an error, so no spec may stay behind to
@@ -223,14 +232,17 @@ class Preparer:
         deadline = deadline or Deadline.for_call(None)
         deadline.check(f"unpreparing claim {ref}")
         with self.locks.claim(ref.uid, timeout=deadline.remaining()):
-            with self.store.update() as checkpoint:
+
+            def remove(checkpoint: Checkpoint) -> bool:
                 entry = checkpoint.claims.pop(ref.uid, None)
-                known = entry is not None
                 if entry is not None:
                     # The other shares of a device keep it as it is; the last one releases it.
                     self._apply_sharing(checkpoint, _shared_devices(entry.devices), strict=False)
+                return entry is not None
+
+            known = self.store.commit(remove)
             crashpoints.hit("unprepare-after-record-removed")
-            removed = durable.remove(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
+            removed = cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver, ref.uid))
         if known or removed:
             log.info("Unprepared claim", extra={"claim": str(ref), "uid": ref.uid})
 
@@ -268,6 +280,9 @@ class Preparer:
         durable.remove_stale_temporaries(self.store.path.parent, f"{self.store.path.name}.")
         corrupt = None
         rebuilt: list[str] = []
+        restored = self.store.restore_from_slots()
+        if restored:
+            log.warning("Checkpoint restored from its durable copy", extra={"reason": restored})
         with self.locks.state():
             try:
                 checkpoint = self.store.read()
@@ -298,7 +313,7 @@ class Preparer:
             for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
                 if uid not in checkpoint.claims:
                     with self.locks.try_claim(uid) as free:
-                        if free and durable.remove(path):
+                        if free and cdi.remove_spec(path):
                             orphans.append(uid)
         self.reconcile_sharing()
         report = RecoveryReport(
@@ -307,6 +322,7 @@ class Preparer:
             rebuilt_from_cdi=tuple(rebuilt),
             corrupt_checkpoint=corrupt,
             rebooted=rebooted,
+            restored_from_slots=restored,
         )
         _log_recovery(report)
         return report
@@ -572,8 +588,9 @@ class Preparer:
         return checkpoint
 
     def _maybe_recorded(self, uid: str) -> bool:
-        """Whether the record may have landed after all (a write that failed only at its
-        directory sync): then the spec must stay, and kubelet's retry answers from the record."""
+        """Whether the record may have landed after all (a write that failed only at making it
+        durable: the directory sync, or the durable copy): then the spec must stay, and kubelet's
+        retry answers from the record."""
         try:
             return uid in self.store.read().claims
         except UnidraError:
@@ -581,7 +598,7 @@ class Preparer:
 
     def _remove_unrecorded(self, ref: ClaimRef, path: Path) -> None:
         try:
-            durable.remove(path)
+            cdi.remove_spec(path)
         except UnidraError as err:  # recovery removes it at the next start
             log.error(
                 "Cannot remove the CDI spec of a claim that was not prepared",

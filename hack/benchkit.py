@@ -29,6 +29,7 @@ def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
         "median_ms": round(statistics.median(ordered) * 1000, 3),
         "p99_ms": round(p99 * 1000, 3),
         "max_ms": round(ordered[-1] * 1000, 3),
@@ -120,14 +121,21 @@ def histogram(text: str, name: str, label: str) -> dict[str, tuple[float, float]
 
 def means(before: str, after: str, name: str, label: str) -> dict[str, float]:
     """Mean milliseconds per label value between two scrapes."""
-    start, end = histogram(before, name, label), histogram(after, name, label)
-    result = {}
-    for value, (total, count) in end.items():
-        total -= start.get(value, (0.0, 0.0))[0]
-        count -= start.get(value, (0.0, 0.0))[1]
-        if count:
-            result[value] = round(total / count * 1000, 3)
-    return result
+    return means_over([(before, after)], name, label)
+
+
+def means_over(windows: list[tuple[str, str]], name: str, label: str) -> dict[str, float]:
+    """Mean milliseconds per label value over several (before, after) pairs of scrapes."""
+    totals: dict[str, list[float]] = {}
+    for before, after in windows:
+        start, end = histogram(before, name, label), histogram(after, name, label)
+        for value, (total, count) in end.items():
+            pair = totals.setdefault(value, [0.0, 0.0])
+            pair[0] += total - start.get(value, (0.0, 0.0))[0]
+            pair[1] += count - start.get(value, (0.0, 0.0))[1]
+    return {
+        value: round(total / count * 1000, 3) for value, (total, count) in totals.items() if count
+    }
 
 
 def bench_profile(path: Path) -> Path:

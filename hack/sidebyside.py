@@ -13,7 +13,8 @@ Calls are paced below the Go driver's client rate limit (QPS 50, burst 100): one
 unprepare cycle every `--pace` seconds, one GET per claim. Scenarios: 1 claim x 1 device and 1
 claim x 8 devices, sequential; 16 callers preparing at once (a burst, then a pause that keeps the
 average under the limit). Reported per driver: the median over rounds of each round's p50 and
-p99, the empty-call floor on the same socket, RSS, and for Unidra where a prepare's time went.
+p99, the empty-call floor on the same socket (back to back, and one call per pace), RSS, and
+for Unidra where the time of a call went, from its own histograms.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from benchkit import (
     Process,
     bench_profile,
     gpu,
-    means,
+    means_over,
     ok,
     summary,
     timed,
@@ -234,12 +235,18 @@ def concurrent_round(
     return {"prepare": summary(prepares), "unprepare": summary(unprepares)}
 
 
-def floor(driver: Driver, count: int) -> dict[str, float]:
+def floor(driver: Driver, count: int, pace: float = 0.0) -> dict[str, float]:
+    """Empty NodePrepareResources calls, back to back or one every `pace` seconds (a call after
+    a pause pays for waking the server's threads, as a prepare does)."""
     stub = api_pb2_grpc.DRAPluginStub(driver.plugin.channel)
     empty = api_pb2.NodePrepareResourcesRequest()
-    return summary(
-        [timed(lambda: stub.NodePrepareResources(empty, timeout=10)) for _ in range(count)]
+    samples: list[float] = []
+    paced(
+        [lambda: samples.append(timed(lambda: stub.NodePrepareResources(empty, timeout=10)))]
+        * count,
+        pace,
     )
+    return summary(samples)
 
 
 def median_of(rounds: list[dict[str, Any]], call: str, figure: str) -> float:
@@ -270,13 +277,15 @@ def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]
             }
             for driver in drivers:  # warm both: connections, caches, first slices
                 sequential_round(driver, [claims.make(driver, [0]) for _ in range(10)], pace)
-            phases_before = unidra.scrape() if unidra.scrape else ""
+            windows: dict[str, list[tuple[str, str]]] = {name: [] for name in scenarios}
             for number in range(rounds):
                 order = drivers if number % 2 == 0 else drivers[::-1]
                 for name, scenario in scenarios.items():
                     for driver in order:
+                        before = driver.scrape() if driver.scrape else ""
                         driver.rounds.setdefault(name, []).append(scenario(driver))
-            phases_after = unidra.scrape() if unidra.scrape else ""
+                        if driver.scrape:
+                            windows[name].append((before, driver.scrape()))
             report: dict[str, Any] = {
                 "machine": {"cpus": os.cpu_count(), "kube_bin": str(kube_bin)},
                 "rounds": rounds,
@@ -298,19 +307,43 @@ def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]
                 }
                 report["scenarios"][name] = entry
             report["floor"] = {d.name: floor(d, 300) for d in drivers}
+            report["floor_paced"] = {d.name: floor(d, 150, pace) for d in drivers}
             report["rss_mib"] = {d.name: round(d.rss_mib(), 1) for d in drivers}
             report["rss_ratio_unidra_to_go"] = round(
                 report["rss_mib"]["unidra"] / report["rss_mib"]["go-reference"], 2
             )
-            report["unidra_phases_mean_ms"] = means(
-                phases_before, phases_after, "unidra_prepare_phase_seconds", "phase"
-            )
-            report["unidra_in_driver_mean_ms"] = means(
-                phases_before, phases_after, "unidra_operation_duration_seconds", "operation"
-            )
+            report["unidra_where_the_time_goes_mean_ms"] = {
+                name: where_the_time_goes(unidra.rounds[name], windows[name]) for name in scenarios
+            }
             return report
     finally:
         cluster.stop()
+
+
+def where_the_time_goes(rounds: list[dict[str, Any]], windows: list[tuple[str, str]]) -> Any:
+    """Unidra's own histograms against what the client saw, as means per call (1 claim each)."""
+    phases = means_over(windows, "unidra_prepare_phase_seconds", "phase")
+    calls = means_over(windows, "unidra_call_duration_seconds", "operation")
+    claims = means_over(windows, "unidra_operation_duration_seconds", "operation")
+    found: dict[str, dict[str, float]] = {}
+    for call in ("prepare", "unprepare"):
+        client = statistics.fmean(r[call]["mean_ms"] for r in rounds)
+        entry = {
+            "client": round(client, 3),
+            # Both ends of the gRPC call, the socket, and the wait for a worker thread.
+            "outside_the_handler": round(client - calls.get(call, 0.0), 3),
+            "in_the_handler": calls.get(call, 0.0),
+            "in_the_claim": claims.get(call, 0.0),
+        }
+        if call == "prepare":
+            in_phases = {k: v for k, v in phases.items() if k != "handler"}
+            entry.update(in_phases)
+            entry["handler"] = phases.get("handler", 0.0)
+            entry["claim_outside_phases"] = round(
+                entry["in_the_claim"] - sum(in_phases.values()), 3
+            )
+        found[call] = entry
+    return found
 
 
 def table(report: dict[str, Any]) -> str:
@@ -326,11 +359,12 @@ def table(report: dict[str, Any]) -> str:
                 f"| {entry['unidra'][key]} | {entry['go-reference'][key]} "
                 f"| {entry['ratio_unidra_to_go'][key]} |"
             )
-    floor_ = report["floor"]
-    lines.append(
-        f"| floor (empty call) | p50 ms | {floor_['unidra']['median_ms']} "
-        f"| {floor_['go-reference']['median_ms']} | |"
-    )
+    for key, what in (("floor", "back to back"), ("floor_paced", "one per pace")):
+        floor_ = report[key]
+        lines.append(
+            f"| floor (empty call, {what}) | p50 ms | {floor_['unidra']['median_ms']} "
+            f"| {floor_['go-reference']['median_ms']} | |"
+        )
     rss = report["rss_mib"]
     lines.append(
         f"| daemon | RSS MiB | {rss['unidra']} | {rss['go-reference']} "

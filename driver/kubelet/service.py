@@ -9,6 +9,7 @@ claim, and a claim still running when the budget is spent gets its own retryable
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import ModuleType
@@ -85,34 +86,57 @@ def _outcome(
         return err
 
 
+class CallObserver(Protocol):
+    def __call__(self, operation: str, seconds: float, outside_claims: float) -> None:
+        """One call took `seconds` in its handler, `outside_claims` of them not in its claims' work."""
+        ...
+
+
 class DRAPluginServicer:
     """NodePrepareResources / NodeUnprepareResources for one API version (its pb2 module)."""
 
     def __init__(
-        self, pb2: ModuleType, handler: ClaimHandler, runner: ClaimRunner, share_ids: bool
+        self,
+        pb2: ModuleType,
+        handler: ClaimHandler,
+        runner: ClaimRunner,
+        share_ids: bool,
+        observe: CallObserver | None = None,
     ) -> None:
         self.pb2 = pb2
         self.handler = handler
         self.runner = runner
         self.share_ids = share_ids
+        self.observe = observe
 
     def NodePrepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
         response = self.pb2.NodePrepareResourcesResponse()
-        for ref, outcome in self._run(request, context, self.handler.prepare, "prepare"):
+        outcomes, in_claims = self._run(request, context, self.handler.prepare, "prepare")
+        for ref, outcome in outcomes:
             entry = response.claims[ref.uid]
             if isinstance(outcome, Exception):
                 entry.error = _describe("prepare", ref, outcome)
             else:
                 entry.devices.extend(self._device(device) for device in outcome)
+        self._observe("prepare", started, in_claims)
         return response
 
     def NodeUnprepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
         response = self.pb2.NodeUnprepareResourcesResponse()
-        for ref, outcome in self._run(request, context, self.handler.unprepare, "unprepare"):
+        outcomes, in_claims = self._run(request, context, self.handler.unprepare, "unprepare")
+        for ref, outcome in outcomes:
             entry = response.claims[ref.uid]  # an empty entry is a success
             if isinstance(outcome, Exception):
                 entry.error = _describe("unprepare", ref, outcome)
+        self._observe("unprepare", started, in_claims)
         return response
+
+    def _observe(self, operation: str, started: float, in_claims: float) -> None:
+        if self.observe is not None:
+            seconds = time.perf_counter() - started
+            self.observe(operation, seconds, seconds - in_claims)
 
     def _run(
         self,
@@ -120,14 +144,17 @@ class DRAPluginServicer:
         context: grpc.ServicerContext,
         work: Callable[[ClaimRef, Deadline], T],
         operation: str,
-    ) -> list[tuple[ClaimRef, T | Exception]]:
-        """Each requested claim once, with its outcome, under one deadline for the whole call."""
+    ) -> tuple[list[tuple[ClaimRef, T | Exception]], float]:
+        """Each requested claim once, with its outcome, under one deadline for the whole call;
+        and the seconds the claims took."""
         refs: dict[str, ClaimRef] = {}
         for claim in request.claims:  # kubelet wants exactly one entry per UID
             refs.setdefault(claim.uid, ClaimRef(claim.namespace, claim.name, claim.uid))
         deadline = Deadline.for_call(context.time_remaining())
+        started = time.perf_counter()
         outcomes = self.runner.run(list(refs.values()), work, deadline, operation)
-        return [(ref, outcomes[ref.uid]) for ref in refs.values()]
+        in_claims = time.perf_counter() - started
+        return [(ref, outcomes[ref.uid]) for ref in refs.values()], in_claims
 
     def _device(self, device: PreparedDevice) -> Any:
         message = self.pb2.Device(
@@ -141,13 +168,18 @@ class DRAPluginServicer:
         return message
 
 
-def add_dra_services(server: grpc.Server, handler: ClaimHandler, runner: ClaimRunner) -> None:
+def add_dra_services(
+    server: grpc.Server,
+    handler: ClaimHandler,
+    runner: ClaimRunner,
+    observe: CallObserver | None = None,
+) -> None:
     """Serve both kubelet DRA API versions on one server."""
     v1_grpc.add_DRAPluginServicer_to_server(
-        DRAPluginServicer(v1_pb2, handler, runner, share_ids=True), server
+        DRAPluginServicer(v1_pb2, handler, runner, share_ids=True, observe=observe), server
     )
     v1beta1_grpc.add_DRAPluginServicer_to_server(
-        DRAPluginServicer(v1beta1_pb2, handler, runner, share_ids=False), server
+        DRAPluginServicer(v1beta1_pb2, handler, runner, share_ids=False, observe=observe), server
     )
 
 

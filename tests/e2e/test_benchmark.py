@@ -43,5 +43,7 @@ def test_the_side_by_side_benchmark_reports_every_scenario(cluster: LocalCluster
         assert set(entry) == {"unidra", "go-reference", "ratio_unidra_to_go"}
         assert entry["unidra"]["prepare_median_ms"] > 0
     assert report["rss_mib"]["go-reference"] > 0
-    assert {"claim_get", "cdi_write"} <= set(report["unidra_phases_mean_ms"])
+    where = report["unidra_where_the_time_goes_mean_ms"]["1x1_sequential"]
+    assert {"claim_get", "cdi_write", "handler", "outside_the_handler"} <= set(where["prepare"])
+    assert where["unprepare"]["client"] > 0
     assert "| 1x1_sequential | prepare p50 ms |" in done.stdout

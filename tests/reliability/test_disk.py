@@ -58,19 +58,33 @@ def all_claims_still_work(node, claims, expect_recorded: bool = True) -> None:  
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
-def test_a_damaged_checkpoint_is_set_aside_and_rebuilt_from_the_cdi_specs(
-    node, api: FakeApiServer, caplog: pytest.LogCaptureFixture, damage: str
+@pytest.mark.parametrize("copy", ["copy intact", "copy damaged"])
+def test_a_damaged_checkpoint_comes_back_from_its_durable_copy_or_the_cdi_specs(
+    node, api: FakeApiServer, caplog: pytest.LogCaptureFixture, damage: str, copy: str
 ) -> None:  # type: ignore[no-untyped-def]
     claims = prepared_node(node, api)
     path = node.plugin_dir / "checkpoint.json"
+    good = checkpoint_claims(node)
     path.write_bytes(DAMAGE[damage](path.read_bytes()))
-    with caplog.at_level(logging.ERROR, logger="driver.prepare"):
-        all_claims_still_work(node, claims)
-    assert "Checkpoint is corrupt; moved aside and rebuilt from CDI specs" in caplog.text
+    slots = path.with_suffix(".slots")
+    if copy == "copy damaged":  # the same way, or gone (an older Unidra keeps none)
+        if damage == "emptied":
+            slots.unlink()
+        else:
+            slots.write_bytes(DAMAGE[damage](slots.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="driver.prepare"), node.serve(sharing=True):
+        if copy == "copy intact":
+            assert checkpoint_claims(node) == good  # request names and all
+    if copy == "copy intact":
+        assert "Checkpoint restored from its durable copy" in caplog.text
+        TALLY["disk: damaged checkpoints restored from checkpoint.slots"] += 1
+    else:
+        assert "Checkpoint is corrupt; moved aside and rebuilt from CDI specs" in caplog.text
+        assert list(node.plugin_dir.glob("checkpoint.json.corrupt-*"))
+        TALLY["disk: damaged checkpoints rebuilt from CDI specs"] += 1
+    all_claims_still_work(node, claims)
     # Every claim was prepared again, the two shares of one GPU included.
     assert {d.device for c in checkpoint_claims(node).values() for d in c.devices} >= {SHARED}
-    assert list(node.plugin_dir.glob("checkpoint.json.corrupt-*"))
-    TALLY["disk: damaged checkpoints rebuilt"] += 1
 
 
 @pytest.mark.parametrize("damage", [*DAMAGE, "deleted"], ids=[*DAMAGE, "deleted"])
@@ -94,6 +108,7 @@ def test_a_damaged_or_missing_cdi_spec_is_rewritten(
 def test_checkpoint_and_a_spec_both_damaged(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
     claims = prepared_node(node, api)
     (node.plugin_dir / "checkpoint.json").write_bytes(b"\x00garbage")
+    (node.plugin_dir / "checkpoint.slots").write_bytes(b"\x00garbage")
     cdi.spec_path(node.cdi_root, "unidra.dev", claims[0][2]).write_bytes(b"{not json")
     with node.serve(sharing=True) as (_, plugin):
         # The unreadable spec cannot say which devices it held: it is dropped, not guessed.

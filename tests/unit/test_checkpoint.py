@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,120 @@ def test_file_is_readable_json_for_operators(tmp_path: Path) -> None:
     store.write(sample())
     body = json.loads((tmp_path / "checkpoint.json").read_text())
     assert body["kind"] == "Checkpoint" and body["claims"][0]["devices"][0]["device"] == "gpu-a"
+
+
+def test_a_version_outlives_a_lost_rename_in_its_durable_copy(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.json"
+    store = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    store.write(sample())  # the first write makes the file itself durable: no copy yet
+    assert store.read().generation == 1 and not path.with_suffix(".slots").exists()
+    first = path.read_bytes()
+    with store.update() as checkpoint:
+        checkpoint.claims.clear()
+    assert store.read().generation == 2
+    path.write_bytes(first)  # a power loss undid the last rename (it had no fsync)
+    assert store.restore_from_slots() == "checkpoint.json is generation 1, the copy 2"
+    assert store.read().claims == {} and store.read().generation == 2
+    assert store.restore_from_slots() is None  # nothing newer now
+
+
+def test_a_version_written_by_an_older_unidra_is_the_newest(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.json"
+    store = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    for _ in range(3):
+        with store.update() as checkpoint:
+            checkpoint.boot_id += "x"
+    # An older Unidra keeps no slots and writes no generation, durably.
+    path.write_bytes(encode(Checkpoint(boot_id="older")))
+    assert store.restore_from_slots() is None
+    assert store.read().boot_id == "older" and store.read().generation == 0
+    # The next write after it goes durably into the file, with a higher generation than the copy.
+    with store.update() as checkpoint:
+        checkpoint.boot_id = "newer"
+    assert store.read().generation == 4
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_missing_or_corrupt_file_comes_back_from_an_intact_copy(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "checkpoint.json"
+    store = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    for boot in ("a", "b", "c"):  # generation 1 in the file only, 2 and 3 in the slots
+        with store.update() as checkpoint:
+            checkpoint.boot_id = boot
+    path.unlink() if damage == "missing" else path.write_bytes(b"{")
+    assert store.restore_from_slots()
+    assert store.read().boot_id == "c"
+    # With the copy damaged too, its newest version may be lost: the file is left to recovery.
+    slots = path.with_suffix(".slots")
+    data = bytearray(slots.read_bytes())
+    data[len(data) // 2 + 30] ^= 1  # generation 3 sits in the second slot
+    slots.write_bytes(bytes(data))
+    path.unlink() if damage == "missing" else path.write_bytes(b"{")
+    assert store.restore_from_slots() is None
+
+
+def test_concurrent_changes_share_one_write_and_fail_alone(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoint.json", FileLocks(tmp_path / "lock"))
+    writes = []
+    real_write = store.write
+
+    def counted(checkpoint: Checkpoint) -> None:
+        writes.append(len(checkpoint.claims))
+        real_write(checkpoint)
+
+    store.write = counted  # type: ignore[method-assign]
+    claim = sample().claims["u"]
+    started, release = threading.Event(), threading.Event()
+
+    def slow(checkpoint: Checkpoint) -> None:  # holds the writer while the others queue up
+        started.set()
+        release.wait(5)
+
+    def refused(checkpoint: Checkpoint) -> None:
+        checkpoint.claims["half"] = claim
+        raise ValueError("refused")
+
+    first = threading.Thread(target=store.commit, args=(slow,))
+    first.start()
+    started.wait(5)
+    outcomes: dict[str, object] = {}
+
+    def submit(name: str, change: Callable[[Checkpoint], object]) -> None:
+        try:
+            outcomes[name] = store.commit(change)
+        except ValueError as err:
+            outcomes[name] = err
+
+    others = [
+        threading.Thread(
+            target=submit, args=(f"c{n}", lambda c, n=n: c.claims.setdefault(f"c{n}", claim))
+        )
+        for n in range(4)
+    ] + [threading.Thread(target=submit, args=("refused", refused))]
+    for thread in others:
+        thread.start()
+    while len(store._queue) < len(others):
+        time.sleep(0.001)
+    release.set()
+    for thread in (first, *others):
+        thread.join(5)
+    assert writes == [4]  # the four changes in one durable write; the slow one changed nothing
+    assert sorted(store.read().claims) == ["c0", "c1", "c2", "c3"]  # "half" was undone
+    assert isinstance(outcomes.pop("refused"), ValueError)
+    assert list(outcomes.values()) == [claim] * 4
+
+
+def test_an_older_unidra_reads_a_version_with_a_generation(tmp_path: Path) -> None:
+    # What an older reader does (v1 without generations): pop the checksum, hash the canonical
+    # rest, read bootID and claims; the generation is one more field under the checksum.
+    data = encode(Checkpoint("boot", sample().claims, generation=7))
+    body = json.loads(data)
+    stored = body.pop("checksum")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert stored == "sha256:" + hashlib.sha256(canonical).hexdigest()
+    assert body["generation"] == 7 and body["claims"][0]["uid"] == "u"
+    # What it writes back has no generation: that reads as generation 0, an older writer.
+    assert b"generation" not in encode(Checkpoint("boot", sample().claims))
+    assert decode(encode(Checkpoint("boot", sample().claims))).generation == 0

@@ -49,3 +49,16 @@ def test_sustained_prepares_do_not_starve_the_writes() -> None:
     finally:
         feeding.clear()
         feeder.join()
+
+
+def test_a_claim_unprepared_before_its_status_was_written_costs_no_write() -> None:
+    status = writer()
+    status._current.add("written")  # its entries are in the API server: they must go
+    for uid in ("brief", "written", "kept"):
+        status.prepared(ClaimRef("default", uid, uid))
+    for uid in ("brief", "written"):
+        status.unprepared(ClaimRef("default", uid, uid))
+    status.prepared(ClaimRef("default", "back", "back"))
+    status.unprepared(ClaimRef("default", "back", "back"))
+    status.prepared(ClaimRef("default", "back", "back"))  # prepared again: it is written
+    assert sorted(status._batch(threading.Event())) == ["back", "kept", "written"]
