@@ -1,8 +1,8 @@
 """Damage on disk between runs: the checkpoint or a CDI spec truncated, emptied, overwritten with
 garbage, edited, or gone. The daemon starts anyway, says what it found, rebuilds what it can,
 and every claim can still be unprepared and prepared again. Two of the claims are shares of one
-GPU: a rebuilt share keeps its share ID, and holds its whole device until it is unprepared,
-because what it consumed is lost with the checkpoint."""
+GPU: a rebuilt share keeps its share ID; rebuilt from CDI specs alone it holds its whole device
+until it is unprepared, because what it consumed is lost with the checkpoint and its copy."""
 
 from __future__ import annotations
 
@@ -135,10 +135,15 @@ def test_temporary_files_of_an_interrupted_write_are_removed(node, api: FakeApiS
     TALLY["disk: interrupted temporary files cleaned"] += 1
 
 
-def test_a_rebuilt_share_keeps_its_id_and_holds_its_device(node, api: FakeApiServer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("copy", ["copy intact", "copy damaged"])
+def test_a_rebuilt_share_keeps_its_id_and_what_it_consumed_survives_only_in_the_copy(
+    node, api: FakeApiServer, copy: str
+) -> None:  # type: ignore[no-untyped-def]
     claims = prepared_node(node, api)
     before = checkpoint_claims(node)
     (node.plugin_dir / "checkpoint.json").write_bytes(b"garbage")
+    if copy == "copy damaged":
+        (node.plugin_dir / "checkpoint.slots").write_bytes(b"garbage")
     late = allocated_claim(api, "late", [share(SHARED, "node-a", "1Gi")])
     with node.serve(sharing=True) as (_, plugin):
         rebuilt = checkpoint_claims(node)
@@ -149,8 +154,14 @@ def test_a_rebuilt_share_keeps_its_id_and_holds_its_device(node, api: FakeApiSer
             assert [d.cdi_ids for d in rebuilt[claim[2]].devices] == [
                 d.cdi_ids for d in before[claim[2]].devices
             ]
-        # What they consumed is lost: they hold the whole GPU until they are unprepared.
-        assert "would use" in plugin.prepare([late])[late[2]].error
+        if copy == "copy intact":
+            # The durable copy records what each share consumed: 60 of 80 GiB taken, 1 GiB fits.
+            assert plugin.prepare([late])[late[2]].error == ""
+            assert plugin.unprepare([late])[late[2]].error == ""
+        else:
+            # Rebuilt from CDI specs, what they consumed is lost: they hold the whole GPU
+            # until they are unprepared.
+            assert "would use" in plugin.prepare([late])[late[2]].error
         assert all(plugin.unprepare([c])[c[2]].error == "" for c in claims[-2:])
         assert plugin.prepare([late])[late[2]].error == ""
-    TALLY["disk: rebuilt shares kept"] += 1
+    TALLY[f"disk: rebuilt shares kept, {copy}"] += 1
