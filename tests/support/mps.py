@@ -45,10 +45,11 @@ if sys.argv[1:] == ["-f"]:
     log = os.environ.get("CUDA_MPS_LOG_DIRECTORY", "/var/log/nvidia-mps")
     with open(os.path.join(log, "control.log"), "a") as out:
         out.write("[fake] control daemon started\\n")
+    # Recorded before the socket appears: the driver returns as soon as it sees the socket.
+    note(mode="daemon", argv=sys.argv[1:], pid=os.getpid())
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(4)
-    note(mode="daemon", argv=sys.argv[1:], pid=os.getpid())
     while True:
         conn, _ = server.accept()
         commands = b""
