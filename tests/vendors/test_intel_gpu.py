@@ -33,7 +33,9 @@ def node(host: FakeHost) -> FakeHost:
     host.file(f"{max1100}/hwmon/hwmon3/energy1_input", "123456789\n")
     xe = gpu(host, "0000:b3:00.0", 0xE20B, "xe", 2)
     host.file(f"{xe}/tile0/physical_vram_size_bytes", "12884901888\n")
+    host.file("/dev/dri/card1")  # the host's device node, as /host/dev shows it
     host.link("/dev/dri/by-path/pci-0000:98:00.0-card", "../card1")
+    host.link("/dev/dri/by-path/pci-0000:98:00.0-render", "../renderD199")  # dangling
     gpu(host, "0000:c1:00.0", 0x56C0, "vfio-pci", 3)  # handed to a VM: not ours
     vf = gpu(host, "0000:98:00.1", 0x0BDA, "i915", 4)
     host.link(f"{vf}/physfn", "../0000:98:00.0")  # an SR-IOV virtual function
@@ -65,6 +67,7 @@ def test_conformance_and_discovery(node: FakeHost) -> None:
         ("/dev/dri/card1", 1),
         ("/dev/dri/renderD128", 128),
     ]
+    # The dangling render link is left out: its missing source would fail the container's start.
     assert [m.container_path for m in edits.mounts] == ["/dev/dri/by-path/pci-0000:98:00.0-card"]
 
 

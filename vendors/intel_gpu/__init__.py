@@ -122,14 +122,16 @@ class IntelGpuBackend:
             raise BackendUnavailable(
                 f"{device.name}: cannot find the numbers of card{card}/renderD{render}"
             )
-        # Level Zero and media stacks look GPUs up through /dev/dri/by-path.
+        # Level Zero and media stacks look GPUs up through /dev/dri/by-path. A link left dangling
+        # (udev lagging behind a driver rebind) is not mounted: its missing source would fail
+        # the container's start.
         mounts = tuple(
             Mount(path, path, options=("bind",))
             for path in (
                 f"/dev/dri/by-path/pci-{function.bdf}-card",
                 f"/dev/dri/by-path/pci-{function.bdf}-render",
             )
-            if self.host.path(path).is_symlink() or self.host.path(path).exists()
+            if self.host.resolve(path) is not None
         )
         return ContainerEdits(device_nodes=nodes, mounts=mounts)
 
