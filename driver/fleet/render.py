@@ -73,6 +73,7 @@ def document(report: Report) -> dict[str, Any]:
                     {"name": name, "requests": [_request(r) for r in requests]}
                     for name, requests in p.claims
                 ],
+                "extendedResources": [_request(r) for r in p.extended],
             }
             for p in report.pending
         ],
@@ -255,9 +256,15 @@ def tables(report: Report) -> str:
                 "PENDING PODS WAITING FOR DEVICES",
                 ("NAMESPACE", "POD", "CLAIM", "WANTS"),
                 [
-                    (p.namespace, p.pod, name, _wants(requests))
+                    row
                     for p in report.pending
-                    for name, requests in p.claims
+                    for row in [
+                        *(
+                            (p.namespace, p.pod, name, _wants(requests))
+                            for name, requests in p.claims
+                        ),
+                        *((p.namespace, p.pod, f"({r.name})", _wants([r])) for r in p.extended),
+                    ]
                 ],
             )
         )

@@ -1,5 +1,5 @@
-"""FLEET: the cluster's accelerators from ResourceSlices, ResourceClaims, DeviceTaintRules, Pods and
-Nodes; pure.
+"""FLEET: the cluster's accelerators from ResourceSlices, ResourceClaims, DeviceTaintRules, Pods,
+Nodes and DeviceClasses; pure.
 
 `Fleet` keeps compact records of those objects, applies watch events and relists, and recomputes
 only the pools a change touches; `report()` assembles the cluster view. docs/fleet.md defines
@@ -17,13 +17,22 @@ from typing import Any, Literal
 
 from driver import quantities
 
-Kind = Literal["ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod", "Node"]
-KINDS: tuple[Kind, ...] = ("ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod", "Node")
+Kind = Literal["ResourceSlice", "ResourceClaim", "DeviceTaintRule", "Pod", "Node", "DeviceClass"]
+KINDS: tuple[Kind, ...] = (
+    "ResourceSlice",
+    "ResourceClaim",
+    "DeviceTaintRule",
+    "Pod",
+    "Node",
+    "DeviceClass",
+)
 # Exclusive states of a whole device (`_state` decides them in use first, then why not free).
 STATES = ("free", "allocated", "partitioned", "tainted", "unavailable")
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 DEFAULT_JOB_SIZES = (2, 4, 8)
 EXTENDED_RESOURCE_CLAIM = "resource.kubernetes.io/extended-resource-claim"
+# Every DeviceClass also answers to this extended resource name (DRAExtendedResource).
+IMPLICIT_EXTENDED_RESOURCE = "deviceclass.resource.kubernetes.io/"
 
 PoolKey = tuple[str, str]  # (driver, pool)
 DeviceKey = tuple[str, str, str]  # (driver, pool, device)
@@ -135,6 +144,15 @@ class PodRecord:
     phase: str
     node: str
     claims: tuple[str, ...]
+    # What an unscheduled pod asks for as extended resources (nvidia.com/gpu: 2): it has no
+    # claim until the scheduler writes one.
+    extended: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceClassRecord:
+    name: str
+    extended_resource_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +276,8 @@ class PendingPod:
     namespace: str
     pod: str
     claims: tuple[tuple[str, tuple[Request, ...]], ...]
+    # Extended resources a DeviceClass serves, each as a Request named after the resource.
+    extended: tuple[Request, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +485,8 @@ def parse_rule(obj: Mapping[str, Any]) -> RuleRecord:
 
 
 def parse_pod(obj: Mapping[str, Any]) -> PodRecord | None:
-    """The pod's claims and phase; None for a pod without claims (most pods: not kept)."""
+    """The pod's claims and phase, and an unscheduled pod's extended resources; None for a pod
+    with neither (most pods: not kept)."""
     meta = _meta(obj)
     spec = _map(obj.get("spec"))
     status = _map(obj.get("status"))
@@ -473,14 +494,57 @@ def parse_pod(obj: Mapping[str, Any]) -> PodRecord | None:
     names += [_map(c).get("resourceClaimName") for c in _list(status.get("resourceClaimStatuses"))]
     names.append(_map(status.get("extendedResourceClaimStatus")).get("resourceClaimName"))
     claims = tuple(sorted({_text(n) for n in names if isinstance(n, str) and n}))
-    if not claims and not spec.get("resourceClaims"):
+    node = _text(spec.get("nodeName"))
+    extended = () if node else extended_requests(spec)
+    if not claims and not spec.get("resourceClaims") and not extended:
         return None
     return PodRecord(
         namespace=_text(meta.get("namespace")),
         name=_text(meta.get("name")),
         phase=_text(status.get("phase")),
-        node=_text(spec.get("nodeName")),
+        node=node,
         claims=claims,
+        extended=extended,
+    )
+
+
+def extended_requests(spec: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The pod's extended resources as the scheduler counts them: the containers' sum, or the
+    largest init container's when that is more. A limit alone is the request."""
+
+    def requests(container: Any) -> dict[str, int]:
+        resources = _map(_map(container).get("resources"))
+        wanted = {**_map(resources.get("limits")), **_map(resources.get("requests"))}
+        found = {}
+        for name, value in wanted.items():
+            if _is_extended(name):
+                try:
+                    found[name] = int(str(value))
+                except ValueError:  # extended resources are whole numbers; the API enforces it
+                    continue
+        return found
+
+    total: dict[str, int] = defaultdict(int)
+    for container in _list(spec.get("containers")):
+        for name, count in requests(container).items():
+            total[name] += count
+    for container in _list(spec.get("initContainers")):
+        for name, count in requests(container).items():
+            total[name] = max(total[name], count)
+    return tuple(sorted((name, count) for name, count in total.items() if count > 0))
+
+
+def _is_extended(name: str) -> bool:
+    """Extended resources are domain-prefixed; Kubernetes' own domains name native ones."""
+    domain = name.partition("/")[0] if "/" in name else ""
+    native = domain == "kubernetes.io" or domain.endswith(".kubernetes.io")
+    return bool(domain) and (not native or name.startswith(IMPLICIT_EXTENDED_RESOURCE))
+
+
+def parse_device_class(obj: Mapping[str, Any]) -> DeviceClassRecord:
+    return DeviceClassRecord(
+        name=_text(_meta(obj).get("name")),
+        extended_resource_name=_text(_map(obj.get("spec")).get("extendedResourceName")),
     )
 
 
@@ -508,7 +572,7 @@ def parse_node(obj: Mapping[str, Any]) -> NodeRecord | None:
     return NodeRecord(_text(_meta(obj).get("name")), reason)
 
 
-Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord | NodeRecord
+Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord | NodeRecord | DeviceClassRecord
 
 
 def parse(kind: Kind, obj: Mapping[str, Any]) -> Record | None:
@@ -520,6 +584,7 @@ def parse(kind: Kind, obj: Mapping[str, Any]) -> Record | None:
         "DeviceTaintRule": parse_rule,
         "Pod": parse_pod,
         "Node": parse_node,
+        "DeviceClass": parse_device_class,
     }
     return parsers[kind](obj)
 
@@ -541,6 +606,7 @@ class Fleet:
     rules: dict[ObjectKey, RuleRecord] = field(default_factory=dict)
     pods: dict[ObjectKey, PodRecord] = field(default_factory=dict)
     nodes: dict[ObjectKey, NodeRecord] = field(default_factory=dict)  # only nodes taking no pods
+    device_classes: dict[ObjectKey, DeviceClassRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pool_slices: dict[PoolKey, set[ObjectKey]] = defaultdict(set)
@@ -575,6 +641,7 @@ class Fleet:
             "DeviceTaintRule": self.rules,
             "Pod": self.pods,
             "Node": self.nodes,
+            "DeviceClass": self.device_classes,
         }
         return tables[kind]
 
@@ -592,6 +659,10 @@ class Fleet:
         elif kind == "Node":
             assert record is None or isinstance(record, NodeRecord)
             self._set_node(key, record)
+        elif isinstance(record, DeviceClassRecord):
+            self.device_classes[key] = record
+        elif kind == "DeviceClass":
+            self.device_classes.pop(key, None)
         elif isinstance(record, PodRecord):
             self.pods[key] = record
         else:
@@ -893,9 +964,27 @@ class Fleet:
                 if (claim := self.claims.get((pod.namespace, name))) is not None
                 and not claim.allocated
             )
-            if claims:
-                waiting.append(PendingPod(pod.namespace, pod.name, claims))
+            extended = tuple(
+                Request(resource, classes, count)
+                for resource, count in pod.extended
+                if (classes := self._classes_serving(resource))
+            )
+            if claims or extended:
+                waiting.append(PendingPod(pod.namespace, pod.name, claims, extended))
         return tuple(waiting)
+
+    def _classes_serving(self, resource: str) -> tuple[str, ...]:
+        """The DeviceClasses an extended resource name stands for: the one naming it in
+        extendedResourceName, or the class its implicit name carries."""
+        implicit = resource.removeprefix(IMPLICIT_EXTENDED_RESOURCE)
+        return tuple(
+            sorted(
+                c.name
+                for c in self.device_classes.values()
+                if c.extended_resource_name == resource
+                or (implicit != resource and c.name == implicit)
+            )
+        )
 
     def _orphans(self, drivers: set[str]) -> tuple[Orphan, ...]:
         return tuple(

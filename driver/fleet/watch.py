@@ -48,6 +48,7 @@ SOURCES: Mapping[Kind, tuple[str, tuple[str, ...]]] = {
     ),
     "Pod": ("Pods", ("/api/v1/pods",)),
     "Node": ("Nodes", ("/api/v1/nodes",)),
+    "DeviceClass": ("DeviceClasses", (f"{_RESOURCE}/v1/deviceclasses",)),
 }
 # Objects per page of a list. A Node carries its images and labels (10 to 40 KB): smaller pages
 # keep the peak of listing 5,000 of them low (BENCHMARKS.md, "Fleet view").

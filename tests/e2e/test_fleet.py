@@ -395,6 +395,7 @@ def test_the_shipped_fleet_role_is_enough_and_only_reads(
         "pods [] [] [list watch]",
         "nodes [] [] [list watch]",
         "devicetaintrules.resource.k8s.io [] [] [list watch]",
+        "deviceclasses.resource.k8s.io [] [] [list watch]",
         "resourceclaims.resource.k8s.io [] [] [list watch]",
         "resourceslices.resource.k8s.io [] [] [list watch]",
     }

@@ -392,3 +392,12 @@ def test_an_unmodified_pod_gets_a_whole_unidra_gpu_through_its_extended_resource
         assert "cannot allocate all claims" in scheduling_message(
             cluster, "inference", "wants-nvidia"
         )
+        # The fleet view says what the unscheduled pod waits for, though it has no claim yet.
+        (waiting,) = [p for p in _fleet(cluster)["pending"] if p["pod"] == "wants-nvidia"]
+        assert waiting["claims"] == [] and waiting["extendedResources"] == [
+            {
+                "name": "nvidia.com/gpu",
+                "deviceClassNames": ["nvidia-gpu.extended.unidra.dev"],
+                "count": 1,
+            }
+        ]

@@ -284,6 +284,69 @@ def test_pending_pods_show_what_their_claims_ask_for() -> None:
     )
 
 
+def device_class(name: str, extended_resource_name: str = "") -> dict[str, Any]:
+    spec = {"extendedResourceName": extended_resource_name} if extended_resource_name else {}
+    return {"kind": "DeviceClass", "metadata": {"name": name}, "spec": spec}
+
+
+def unmodified_pod(name: str, node: str = "", **containers: dict[str, Any]) -> dict[str, Any]:
+    """A pod written for device plugins: extended resources in its containers, no claims."""
+    made = cluster.pod(name, [], node=node, phase="Pending")
+    made["spec"]["resourceClaims"] = []
+    made["spec"]["containers"] = [
+        {"name": c, "image": "lab.local/pause:1", "resources": r} for c, r in containers.items()
+    ]
+    return made
+
+
+def test_an_unscheduled_pod_asking_for_an_extended_resource_shows_the_classes_that_serve_it() -> (
+    None
+):
+    fleet = two_nodes()
+    fleet.apply("DeviceClass", "ADDED", device_class("nvidia-gpu.extended", "nvidia.com/gpu"))
+    fleet.apply("DeviceClass", "ADDED", device_class("gpu.unidra.dev"))
+    waiting = unmodified_pod(
+        "trainer",
+        # Containers add up; a limit alone is the request; cpu and memory are not extended.
+        main={"limits": {"nvidia.com/gpu": "8", "cpu": "4"}},
+        sidecar={"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
+        implicit={"limits": {"deviceclass.resource.kubernetes.io/gpu.unidra.dev": "1"}},
+    )
+    waiting["spec"]["initContainers"] = [
+        {
+            "name": "warm",
+            "resources": {"limits": {"deviceclass.resource.kubernetes.io/gpu.unidra.dev": "3"}},
+        }
+    ]
+    fleet.apply("Pod", "ADDED", waiting)
+    # Served by a device plugin, not DRA: no class names it, so the fleet view does not list it.
+    fleet.apply(
+        "Pod", "ADDED", unmodified_pod("plugin", main={"limits": {"example.com/fpga": "1"}})
+    )
+    # Scheduled: not pending, and without claims not even kept.
+    fleet.apply(
+        "Pod", "ADDED", unmodified_pod("bound", "node-a", main={"limits": {"nvidia.com/gpu": "1"}})
+    )
+    assert set(fleet.pods) == {("default", "trainer"), ("default", "plugin")}
+    (pending,) = report(fleet).pending
+    assert pending.pod == "trainer" and pending.claims == ()
+    assert [(r.name, r.device_classes, r.count) for r in pending.extended] == [
+        ("deviceclass.resource.kubernetes.io/gpu.unidra.dev", ("gpu.unidra.dev",), 3),
+        ("nvidia.com/gpu", ("nvidia-gpu.extended",), 10),
+    ]
+    document = fleet_render.document(report(fleet))
+    assert document["pending"][0]["extendedResources"][1] == {
+        "name": "nvidia.com/gpu",
+        "deviceClassNames": ["nvidia-gpu.extended"],
+        "count": 10,
+    }
+    rows = [line.split() for line in fleet_render.tables(report(fleet)).splitlines()]
+    assert ["default", "trainer", "(nvidia.com/gpu)", "10", "x", "nvidia-gpu.extended"] in rows
+    # Once the scheduler binds it, it waits for nothing.
+    fleet.apply("Pod", "MODIFIED", {**waiting, "spec": {**waiting["spec"], "nodeName": "node-a"}})
+    assert report(fleet).pending == () and set(fleet.pods) == {("default", "plugin")}
+
+
 def test_the_fragmentation_figure_is_the_share_of_free_devices_no_job_can_use() -> None:
     assert fragmentation([3, 3, 3, 3], 4).stranded == 12
     assert fragmentation([3, 3, 3, 3], 4).ratio == 1.0
