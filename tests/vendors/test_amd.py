@@ -222,6 +222,31 @@ def test_metrics_from_sysfs(host: FakeHost) -> None:
     ) == (0.42, 1073741824, 551.0, 47.0)
 
 
+@pytest.mark.parametrize(
+    ("sensors", "celsius"),
+    [
+        ({"temp1": ("edge", "47000"), "temp2": ("junction", "61000")}, 47.0),
+        # MI300-class: no edge sensor, so the junction (hotspot) one; never the memory's.
+        ({"temp2": ("junction", "61000"), "temp3": ("mem", "52000")}, 61.0),
+        ({"temp3": ("mem", "52000")}, None),
+    ],
+)
+def test_the_die_temperature_is_the_edge_sensor_else_the_junction(
+    host: FakeHost, sensors: dict[str, tuple[str, str]], celsius: float | None
+) -> None:
+    mi300x_host(host)
+    hwmon = host.root / "sys/bus/pci/devices/0000:05:00.0/hwmon/hwmon0"
+    (hwmon / "temp1_input").unlink()
+    for name, (label, millidegrees) in sensors.items():
+        (hwmon / f"{name}_label").write_text(f"{label}\n")
+        (hwmon / f"{name}_input").write_text(f"{millidegrees}\n")
+    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")):
+        backend = AmdBackend(BackendContext(host_root=host.root))
+        backend.discover()
+        sample = next(s for s in backend.sample() if s.device == "gpu-0000-05-00-0")
+    assert sample.temperature_celsius == celsius
+
+
 # amdsmi calls that name a GPU: its PCI address (the render node falls back to sysfs).
 AMDSMI_IDENTITY = {"bdf"}
 # amdsmi status codes: NOT_SUPPORTED, NO_PERM, UNKNOWN_ERROR.

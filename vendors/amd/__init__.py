@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -425,7 +426,7 @@ class AmdBackend:
         busy = self.host.number(base / "gpu_busy_percent")
         hwmon = next(iter(sorted(base.glob("hwmon/hwmon*"))), None)
         power = self.host.number(hwmon / "power1_average") if hwmon else None
-        temperature = self.host.number(hwmon / "temp1_input") if hwmon else None
+        temperature = self._die_temperature(hwmon) if hwmon else None
         return DeviceSample(
             device=device.name,
             utilization=busy / 100 if busy is not None else None,
@@ -435,6 +436,18 @@ class AmdBackend:
             temperature_celsius=temperature / 1000 if temperature is not None else None,
             errors_uncorrected=self._uncorrectable(gpu),
         )
+
+    def _die_temperature(self, hwmon: Path) -> int | None:
+        """Millidegrees of the edge sensor, else the junction (hotspot) one: MI300-class GPUs
+        are documented to report no edge temperature (AMD's exporter reads junction there)."""
+        labelled = {
+            self.host.read(label): label.with_name(label.name.replace("_label", "_input"))
+            for label in sorted(hwmon.glob("temp*_label"))
+        }
+        for sensor in ("edge", "junction"):
+            if sensor in labelled and (value := self.host.number(labelled[sensor])) is not None:
+                return value
+        return None if labelled else self.host.number(hwmon / "temp1_input")
 
 
 def _handle_key(handle: Any) -> Any:
