@@ -62,6 +62,11 @@ def test_every_dependent_field_follows(renamed: dict[tuple[str, str], dict[str, 
     (container,) = pod["containers"]
     assert container["image"] == "registry.example.com/unidra:1.2.3"
     assert container["imagePullPolicy"] == "IfNotPresent"
+    fleet = renamed[("Deployment", "unidra-fleet")]["spec"]["template"]["spec"]["containers"][0]
+    assert (fleet["image"], fleet["imagePullPolicy"]) == (
+        "registry.example.com/unidra:1.2.3",
+        "IfNotPresent",
+    )
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["UNIDRA_DRIVER_NAME"] == "gpu.example.com"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
