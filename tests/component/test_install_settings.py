@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from component.test_admission import resource_slice, slice_request
+from component.test_admission import (
+    GOOD,
+    claim_request,
+    exactly,
+    opaque_entry,
+    resource_slice,
+    slice_request,
+)
 
 from support import admission, kustomize
 
@@ -132,6 +139,25 @@ def test_the_renamed_policy_restricts_the_renamed_account(
     # Nobody else's service account writes this driver's slices.
     stale = admission.evaluate(policy, slice_request("CREATE", "node-a", ours))
     assert not stale.allowed
+
+
+@pytest.mark.parametrize(
+    ("device_class", "strategy", "allowed"),
+    [
+        ("nvidia.gpu.example.com", "MPS", True),
+        ("amd.gpu.example.com", "MPS", False),
+        ("npu.gpu.example.com", "TimeSlicing", False),
+        ("npu.gpu.example.com", "Exclusive", True),
+    ],
+)
+def test_the_renamed_opaque_policy_checks_sharing_against_the_renamed_classes(
+    renamed: dict[tuple[str, str], dict[str, Any]], device_class: str, strategy: str, allowed: bool
+) -> None:
+    policy = renamed[("ValidatingAdmissionPolicy", "gpu-driver-opaque-config")]
+    config = opaque_entry({**GOOD, "sharing": {"strategy": strategy}}, driver="gpu.example.com")
+    request = claim_request("ResourceClaim", [config], [exactly("dev", device_class)])
+    verdict = admission.evaluate(policy, request)
+    assert verdict.allowed == allowed, verdict.denials
 
 
 def default_policy() -> dict[str, Any]:
