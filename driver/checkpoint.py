@@ -180,6 +180,10 @@ class CheckpointStore:
         stat = os.stat(self.path)
         self._cache = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), written)
 
+    def lost(self) -> bool:
+        """The file is gone but its durable copy is there: records were lost, not never made."""
+        return not self.path.exists() and self.slots.path.exists()
+
     def restore_from_slots(self) -> str | None:
         """After a crash: put back the durable copy if it is newer than the file (a power loss
         undid the file's last renames), or the file is missing or unreadable; returns why, or

@@ -285,6 +285,8 @@ class Preparer:
             log.warning("Checkpoint restored from its durable copy", extra={"reason": restored})
         with self.locks.state():
             try:
+                if self.store.lost():  # not a first start: the specs must not look orphaned
+                    raise CheckpointCorrupt("checkpoint.json is missing and its copy is damaged")
                 checkpoint = self.store.read()
             except CheckpointCorrupt as err:
                 corrupt = self._set_aside_corrupt(str(err))
@@ -547,6 +549,9 @@ class Preparer:
         return True
 
     def _set_aside_corrupt(self, reason: str) -> str:
+        if not self.store.path.exists():
+            log.error("Checkpoint is lost; rebuilt from CDI specs", extra={"reason": reason})
+            return reason
         target = self.store.path.with_name(f"{self.store.path.name}.corrupt-{int(time.time())}")
         self.store.path.rename(target)
         durable.sync_directory(target.parent)

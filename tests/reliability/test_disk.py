@@ -87,6 +87,24 @@ def test_a_damaged_checkpoint_comes_back_from_its_durable_copy_or_the_cdi_specs(
     assert {d.device for c in checkpoint_claims(node).values() for d in c.devices} >= {SHARED}
 
 
+def test_a_lost_checkpoint_with_a_damaged_copy_is_rebuilt_not_taken_for_empty(
+    node, api: FakeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    claims = prepared_node(node, api)
+    (node.plugin_dir / "checkpoint.json").unlink()
+    slots = node.plugin_dir / "checkpoint.slots"
+    data = bytearray(slots.read_bytes())
+    data[len(data) // 2 + 30] ^= 1  # one slot damaged: which version was newest is unknown
+    slots.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="driver.prepare"), node.serve(sharing=True):
+        # Every claim is still recorded and its spec kept: none was taken for an orphan.
+        assert set(checkpoint_claims(node)) == {c[2] for c in claims}
+        assert set(cdi.claim_specs(node.cdi_root, "unidra.dev")) == {c[2] for c in claims}
+    assert "Checkpoint is lost; rebuilt from CDI specs" in caplog.text
+    all_claims_still_work(node, claims)
+    TALLY["disk: lost checkpoints with a damaged copy rebuilt from CDI specs"] += 1
+
+
 @pytest.mark.parametrize("damage", [*DAMAGE, "deleted"], ids=[*DAMAGE, "deleted"])
 def test_a_damaged_or_missing_cdi_spec_is_rewritten(
     node, api: FakeApiServer, caplog: pytest.LogCaptureFixture, damage: str
