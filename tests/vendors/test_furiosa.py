@@ -144,6 +144,18 @@ def test_every_optional_read_may_fail(cards, host: FakeHost) -> None:  # type: i
     assert conformance.check_optional_reads(build, broken) == len(broken)
 
 
+def test_a_library_without_an_optional_call_loses_no_npu(
+    cards, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """An older or newer furiosa-smi may lack a call: that is a failed optional read too."""
+    backend, _ = cards
+    for call in ("firmware_version", "numa_node", "memory_usage", "device_temperature"):
+        monkeypatch.delattr(furiosa_fake.FakeDevice, call)
+    devices = backend.discover()
+    assert [d.name for d in devices] == ["npu-0000-17-00-0", "npu-0000-2a-00-0"]
+    assert [s.device for s in backend.sample()] == [d.name for d in devices]
+
+
 def test_a_furiosa_container_gets_every_card_node(cards, host: FakeHost, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The Furiosa runtime ships with the image and talks to the card through its /dev/rngd
     nodes alone; no host library is mounted."""

@@ -83,7 +83,8 @@ class FuriosaBackend:
                 continue
 
             def read(call: str, card: Any = card, bdf: str = bdf) -> Any:
-                return self.reads.read(bdf, call, getattr(card, call), errors)
+                # getattr inside the read: a library without the call is a failed read too.
+                return self.reads.read(bdf, call, lambda: getattr(card, call)(), errors)
 
             numa = pci.parse_numa(read("numa_node"))
             function = pci.read(self.host.root, bdf) if numa is None else None
@@ -176,7 +177,7 @@ class FuriosaBackend:
         for name, card in self._cards.items():
 
             def read(call: str, card: Any = card, name: str = name) -> Any:
-                return self.reads.read(name, call, getattr(card.handle, call), errors)
+                return self.reads.read(name, call, lambda: getattr(card.handle, call)(), errors)
 
             memory, power, temperature = (
                 read("memory_usage"),
