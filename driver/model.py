@@ -242,6 +242,12 @@ def stable_device_name(device_type: DeviceType, pci_bus_id: str | None, uuid: st
     return f"{device_type}-{digest}"
 
 
+def name_token(text: str) -> str:
+    """Vendor text (a MIG profile such as `1g.18gb+me`) as it may stand in a device name, a
+    DNS label: lower-case letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceNode:
     """A device node to create in the container (CDI `deviceNodes` entry)."""

@@ -94,6 +94,20 @@ def test_discovery_into_the_common_model(dgx) -> None:  # type: ignore[no-untype
     )  # the other whole GPUs on the NVSwitch fabric (GPU 7 is in MIG mode)
 
 
+def test_a_media_extension_mig_profile_still_makes_a_valid_device_name(host: FakeHost) -> None:
+    """NVML names profiles with media engines `MIG 1g.18gb+me`; a name is a DNS label."""
+    dgx_host(host)
+    recording = nvml.load("dgx-h100.json")
+    mig_gpu = next(d for d in recording["devices"] if d.get("gpuInstanceProfiles"))
+    mig_gpu["gpuInstanceProfiles"]["2"]["name"] = "MIG 3g.40gb+me"
+    with nvml.install(recording):
+        backend = NvidiaBackend(BackendContext(host_root=host.root, node_name="node-a"))
+        found = conformance.check(backend)  # validates every name as the API server would
+    migs = sorted(d.name for d in found.devices if d.partition_profile)
+    assert migs[0].startswith("gpu-0000-df-00-0-mig-3g40gbme-")
+    assert {d.partition_profile for d in found.devices if d.partition_profile} == {"3g.40gb+me"}
+
+
 def test_mig_mode_gpu_is_published_as_its_mig_devices(dgx) -> None:  # type: ignore[no-untyped-def]
     backend, _ = dgx
     devices = {d.name: d for d in backend.discover()}

@@ -38,6 +38,7 @@ from driver.model import (
     ProcessUsage,
     Sharing,
     SharingSupport,
+    name_token,
 )
 from driver.pci import PciMatch
 from driver.reads import OptionalReads, first_known
@@ -526,7 +527,7 @@ class NvidiaBackend:
             extra=parent.extra,
             partition_profile=profile or "unknown",
             parent_uuid=parent.uuid,
-            name_suffix=f"mig-{(profile or 'unknown').replace('.', '')}-{where}",
+            name_suffix=f"mig-{name_token(profile or 'unknown')}-{where}",
         )
 
     # -- container edits ---------------------------------------------------------------------

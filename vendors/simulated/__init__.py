@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from driver.model import (
     PartitionLayout,
     Sharing,
     SharingSupport,
+    name_token,
 )
 from vendors.amd import sharing as amd_sharing
 from vendors.nvidia.capabilities import xid_event
@@ -104,7 +104,7 @@ class SimulatedBackend:
         counters.update(slots)
         partitions = []
         for profile in spec.profiles:
-            token = re.sub(r"[^a-z0-9]", "", profile.profile.lower())
+            token = name_token(profile.profile)
             for start in profile.placements:
                 consumes = {"memory": profile.memory, "compute-units": profile.compute_units}
                 consumes.update(dict(profile.consumes))
