@@ -471,10 +471,19 @@ def parse_claim(obj: Mapping[str, Any]) -> ClaimRecord:
     )
 
 
-def parse_rule(obj: Mapping[str, Any]) -> RuleRecord:
+def parse_rule(obj: Mapping[str, Any]) -> RuleRecord | None:
+    """The rule's selector and taint; None for a rule that selects nothing the view can tell:
+    one without a selector (it matches no device), or one selecting by DeviceClass or CEL
+    (v1alpha3, Kubernetes 1.33 and 1.34), which the view does not evaluate."""
     name = _text(_meta(obj).get("name"))
     spec = _map(obj.get("spec"))
-    selector = _map(spec.get("deviceSelector"))
+    selector = spec.get("deviceSelector")
+    if (
+        not isinstance(selector, Mapping)
+        or selector.get("deviceClassName")
+        or selector.get("selectors")
+    ):
+        return None
     return RuleRecord(
         name=name,
         driver=_text(selector.get("driver")),
@@ -576,8 +585,8 @@ Record = SliceRecord | ClaimRecord | RuleRecord | PodRecord | NodeRecord | Devic
 
 
 def parse(kind: Kind, obj: Mapping[str, Any]) -> Record | None:
-    """The record of one object; None for a pod without claims or a node that takes pods (most
-    pods and nodes are not kept)."""
+    """The record of one object; None for one not kept: most pods and nodes, and taint rules
+    whose selection the view cannot tell."""
     parsers: dict[str, Callable[[Mapping[str, Any]], Record | None]] = {
         "ResourceSlice": parse_slice,
         "ResourceClaim": parse_claim,

@@ -118,6 +118,21 @@ def test_an_admins_taint_rule_takes_devices_out_and_back() -> None:
     assert largest(fleet)[2:] == [("node-b", 4, 4), ("node-b", 4, 4)]
 
 
+def test_a_rule_without_a_selector_or_with_one_the_view_cannot_evaluate_takes_nothing_out() -> None:
+    fleet = two_nodes()
+    everything = cluster.taint_rule("everything", key="example.com/all", driver="")
+    assert everything["spec"]["deviceSelector"] == {}  # the empty selector matches every device
+    none = cluster.taint_rule("none", key="example.com/none")
+    del none["spec"]["deviceSelector"]  # no selector: no device, as Kubernetes reads it
+    by_class = cluster.taint_rule("by-class", key="example.com/class")
+    by_class["spec"]["deviceSelector"] = {"deviceClassName": "gpu.unidra.dev"}  # v1alpha3
+    for rule in (none, by_class):
+        fleet.apply("DeviceTaintRule", "ADDED", rule)
+    assert [free for _, free, _ in largest(fleet)] == [4, 4, 4, 4]
+    fleet.apply("DeviceTaintRule", "ADDED", everything)
+    assert [free for _, free, _ in largest(fleet)] == [0, 0, 0, 0]
+
+
 def test_effect_none_is_informational_but_the_drivers_health_taint_never_is() -> None:
     fleet = two_nodes(
         **{
