@@ -304,7 +304,9 @@ def nvidia_driver(target: Target) -> list[Finding]:
                 check,
                 f"no NVIDIA driver libraries under {target.host_root} (loader cache, "
                 f"{', '.join(driver_files.KNOWN_ROOTS)}, the usual folders): install the driver, "
-                "or name its root with --backend-option nvidia.driver-root=/run/nvidia/driver",
+                "or name its root with --backend-option nvidia.driver-root=/run/nvidia/driver "
+                "(in the DaemonSet: add manifests/components/nvidia-gpu-operator, which mounts "
+                "that root and sets the option)",
             )
         ]
     where = (
