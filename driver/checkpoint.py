@@ -94,7 +94,7 @@ def encode(checkpoint: Checkpoint) -> bytes:
     # json's C encoder (indentation would need the pure-Python one). Readers pop the checksum
     # and re-encode the rest, so any key order and spacing reads the same.
     canonical = _canonical(body)
-    checksum = json.dumps("sha256:" + hashlib.sha256(canonical).hexdigest())
+    checksum = json.dumps(_digest(canonical))
     return canonical[:-1] + b',"checksum":' + checksum.encode() + b"}\n"
 
 
@@ -271,7 +271,11 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
 
 
 def _checksum(body: Mapping[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    return _digest(_canonical(body))
+
+
+def _digest(canonical: bytes) -> str:
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def _claim_json(claim: PreparedClaim) -> dict[str, Any]:

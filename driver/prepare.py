@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -216,12 +216,6 @@ class Preparer:
             timings.mark("checkpoint_write", started)
         return plan.devices
 
-        log.info(
-            "Prepared claim",
-            extra={"claim": str(ref), "uid": ref.uid, "devices": len(plan.devices)},
-        )
-        return plan.devices
-
     def unprepare(self, ref: ClaimRef, deadline: Deadline | None = None) -> None:
         """Undo prepare; succeeds for unknown claims and needs nothing but the checkpoint.
 
@@ -382,7 +376,7 @@ class Preparer:
             )
             busy.update(units)
             out.append(
-                Configured(item.result, item.config, _replace_units(item.sharing, units), item.used)
+                Configured(item.result, item.config, replace(item.sharing, units=units), item.used)
             )
         return out
 
@@ -622,12 +616,6 @@ def _holding(claim: str, device: PreparedDevice) -> Holding:
 
 def _shared_devices(devices: Sequence[PreparedDevice]) -> list[str]:
     return sorted({d.device for d in devices if d.sharing is not None or d.share_id is not None})
-
-
-def _replace_units(current: Sharing, units: tuple[int, ...]) -> Sharing:
-    return Sharing(
-        current.strategy, current.interval, current.memory_bytes, current.compute_units, units
-    )
 
 
 def _check_one_limited_device(configured: Sequence[Configured]) -> None:
