@@ -21,7 +21,6 @@ from driver.kubelet import client as kubelet  # noqa: E402
 
 NODE = "node-a"
 BENCH_GPUS = 128  # enough for 16 concurrent callers holding 8 devices each
-PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
