@@ -20,6 +20,7 @@ for Unidra where the time of a call went, from its own histograms.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -256,8 +257,8 @@ def median_of(rounds: list[dict[str, Any]], call: str, figure: str) -> float:
 def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="usbs", dir="/tmp"))
     cluster = LocalCluster(kube_bin, root / "cluster", kubelet=False)
-    cluster.start()
     try:
+        cluster.start()
         with unidra_driver(cluster, root) as unidra, go_driver(cluster, root) as go:
             drivers = [unidra, go]
             claims = Claims(cluster)
@@ -318,6 +319,7 @@ def run(kube_bin: Path, rounds: int, cycles: int, pace: float) -> dict[str, Any]
             return report
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)  # etcd's data and the logs: hundreds of MiB
 
 
 def where_the_time_goes(rounds: list[dict[str, Any]], windows: list[tuple[str, str]]) -> Any:

@@ -54,8 +54,8 @@ def cluster(kube_bin: Path) -> Iterator[LocalCluster]:
     # Short: Unix socket paths under it must stay within 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="ue2e-", dir="/tmp"))
     local = LocalCluster(kube_bin, workdir)
-    local.start()
     try:
+        local.start()
         yield local
     finally:
         local.stop()
