@@ -64,6 +64,15 @@ def test_conformance_and_discovery(atom: FakeHost) -> None:
     ] == [("/dev/rbln1", 507, 1)]
 
 
+def test_a_device_name_that_is_not_rbln_n_is_not_trusted_as_a_path(atom: FakeHost) -> None:
+    recording = json.loads(RECORDING.read_text())
+    recording["devices"][0]["device"] = "../sda"  # what a broken or hostile rbln-smi could print
+    atom.file("/var/lib/fixture/rbln.json", json.dumps(recording))
+    backend = RebellionsBackend(BackendContext(host_root=atom.root))
+    first = next(d for d in backend.discover() if d.name == "npu-0000-3b-00-0")
+    assert [n.path for n in backend.device_edits(first).device_nodes] == ["/dev/rbln0"]
+
+
 def test_status_and_metrics(atom: FakeHost) -> None:
     backend = RebellionsBackend(
         BackendContext(host_root=atom.root, options={"poll-seconds": "0.01"})

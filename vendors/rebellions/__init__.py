@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -129,7 +130,9 @@ class RebellionsBackend:
         minor = _minor(entry) if entry is not None else None
         if entry is None or minor is None:
             raise BackendUnavailable(f"{device.name} is no longer present")
-        name = _text(entry.get("device")) or f"rbln{minor}"
+        # rbln-smi's output names the node; anything but rbln<N> (a path, say) is not trusted.
+        named = _text(entry.get("device")) or ""
+        name = named if re.fullmatch(r"rbln\d+", named) else f"rbln{minor}"
         node = self.host.device_node(f"/dev/{name}", major_name="rbln", minor=minor)
         if node is None:
             raise BackendUnavailable(
