@@ -247,17 +247,41 @@ def test_the_die_temperature_is_the_edge_sensor_else_the_junction(
     assert sample.temperature_celsius == celsius
 
 
+def test_an_unreadable_ecc_count_costs_only_that_figure(
+    host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vendors.amd
+
+    mi300x_host(host)
+    host.file("/sys/bus/pci/devices/0000:05:00.0/ras/umc_err_count", "ue: N/A\nce: 3\n")
+    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")) as fake:
+        fake.state["recording"]["processors"][1]["ecc"] = {"uncorrectable_count": "garbage"}
+        backend = AmdBackend(BackendContext(host_root=host.root))
+        backend.discover()
+        through_amdsmi = {s.device: s.errors_uncorrected for s in backend.sample()}
+    monkeypatch.setattr(vendors.amd, "_import_amdsmi", lambda: None)
+    backend = AmdBackend(BackendContext(host_root=host.root))
+    backend.discover()
+    through_sysfs = {s.device: s.errors_uncorrected for s in backend.sample()}
+    assert len(through_amdsmi) == len(through_sysfs) == 8
+    assert through_amdsmi["gpu-0000-26-00-0"] is None and through_amdsmi["gpu-0000-05-00-0"] == 0
+    assert through_sysfs["gpu-0000-05-00-0"] is None and through_sysfs["gpu-0000-26-00-0"] == 0
+
+
 # amdsmi calls that name a GPU: its PCI address (the render node falls back to sysfs).
 AMDSMI_IDENTITY = {"bdf"}
 # amdsmi status codes: NOT_SUPPORTED, NO_PERM, UNKNOWN_ERROR.
 AMDSMI_ERRORS = ("2", "10", "4294967295")
 
 
-def test_every_optional_read_may_fail_with_amdsmi(host: FakeHost) -> None:
+@pytest.mark.parametrize("mode", ["spx", "cpx"])
+def test_every_optional_read_may_fail_with_amdsmi(host: FakeHost, mode: str) -> None:
     """The conformance property: each amdsmi call (but the PCI address) and each sysfs/KFD file
-    failing in turn for every GPU loses no GPU."""
-    mi300x_host(host)
-    with amdsmi_fake.install(amdsmi_fake.load("mi300x.json")) as fake:
+    failing in turn for every GPU loses no GPU; in CPX mode, no compute partition either (they
+    share their GPU's PCI address)."""
+    mi300x_host(host, cpx=mode == "cpx")
+    recording = "mi300x-cpx.json" if mode == "cpx" else "mi300x.json"
+    with amdsmi_fake.install(amdsmi_fake.load(recording)) as fake:
         processors = fake.state["recording"]["processors"]
 
         def build() -> AmdBackend:

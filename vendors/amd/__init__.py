@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -111,7 +111,9 @@ class AmdBackend:
         return "amdsmi" if self.amdsmi is not None else "sysfs"
 
     def discover(self) -> Sequence[Device]:
-        gpus = self._read_amdsmi() if self.amdsmi is not None else self._read_sysfs()
+        gpus = _partitions_told_apart(
+            self._read_amdsmi() if self.amdsmi is not None else self._read_sysfs()
+        )
         hives: dict[str, list[str]] = {}
         for gpu in gpus:
             if gpu.hive:
@@ -409,16 +411,21 @@ class AmdBackend:
         return entry[1]
 
     def _uncorrectable(self, gpu: _Gpu) -> int | None:
+        """New uncorrectable ECC errors; an answer that cannot be read is logged once and None."""
         if self.amdsmi is not None and gpu.handle is not None:
-            with contextlib.suppress(self.amdsmi.AmdSmiException):
-                return int(
-                    self.amdsmi.amdsmi_get_gpu_total_ecc_count(gpu.handle)["uncorrectable_count"]
+            smi = self.amdsmi
+            return _integer(
+                self.reads.read(
+                    gpu.bdf,
+                    "amdsmi_get_gpu_total_ecc_count",
+                    lambda: smi.amdsmi_get_gpu_total_ecc_count(gpu.handle)["uncorrectable_count"],
+                    (smi.AmdSmiException, KeyError, TypeError),
                 )
-            return None
+            )
         text = self.host.read(f"/sys/bus/pci/devices/{gpu.bdf}/ras/umc_err_count")
         for line in (text or "").splitlines():
             if line.startswith("ue:"):
-                return int(line.split(":")[1])
+                return _integer(line.split(":")[1].strip())
         return None
 
     def _sample(self, device: Device, gpu: _Gpu) -> DeviceSample:
@@ -492,6 +499,32 @@ def _kfd_target(node: dict[str, str]) -> str:
 def _kfd_units(node: dict[str, str]) -> int | None:
     simds, per_cu = _integer(node.get("simd_count")), _integer(node.get("simd_per_cu"))
     return simds // per_cu or None if simds and per_cu else None
+
+
+# The mode a count of compute partitions implies (MI300X: 8 XCDs, MI300A: 6 in CPX mode).
+_MODE_BY_COUNT = {2: "DPX", 3: "TPX", 4: "QPX", 6: "CPX", 8: "CPX"}
+
+
+def _partitions_told_apart(gpus: list[_Gpu]) -> list[_Gpu]:
+    """Compute partitions of one GPU share its PCI address, and their mode and index are optional
+    reads: a failed one must not give them one name. Their mode is then the one a sibling
+    reported, else the one their count implies; their index, their rank by render node."""
+    siblings: dict[str, list[_Gpu]] = {}
+    for gpu in gpus:
+        siblings.setdefault(gpu.bdf, []).append(gpu)
+    told = []
+    for gpu in gpus:
+        group = siblings[gpu.bdf]
+        if len(group) == 1:
+            told.append(gpu)
+            continue
+        modes = {g.partition_mode for g in group} - {"SPX"}
+        mode = modes.pop() if len(modes) == 1 else _MODE_BY_COUNT.get(len(group), "CPX")
+        indices = {g.partition_index for g in group}
+        renders = sorted(g.render for g in group)
+        index = gpu.partition_index if len(indices) == len(group) else renders.index(gpu.render)
+        told.append(replace(gpu, partition_mode=mode, partition_index=index))
+    return told
 
 
 def _mode(value: Any) -> str | None:
