@@ -271,7 +271,8 @@ class Preparer:
     def recover(self) -> RecoveryReport:
         """Repair state after a crash or reboot; run once at start before serving kubelet."""
         durable.remove_stale_temporaries(self.cdi_root, f"k8s.{self.driver}-{cdi.CLASS}_")
-        durable.remove_stale_temporaries(self.store.path.parent, f"{self.store.path.name}.")
+        for name in (self.store.path.name, self.store.slots.path.name):
+            durable.remove_stale_temporaries(self.store.path.parent, f"{name}.")
         corrupt = None
         rebuilt: list[str] = []
         restored = self.store.restore_from_slots()
