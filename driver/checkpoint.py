@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -27,9 +28,11 @@ from typing import Any, Generic, TypeVar
 
 from driver import durable
 from driver.claims import Consumer
-from driver.errors import UnidraError
+from driver.errors import StorageError, UnidraError
 from driver.locks import FileLocks
 from driver.model import Sharing, Strategy
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "unidra.dev/v1"
 KIND = "Checkpoint"
@@ -176,7 +179,16 @@ class CheckpointStore:
         data = encode(written)
         durable.write_bytes(self.path, data, mode=0o600, sync=foreign)
         if not foreign:
-            self.slots.write(generation, data)
+            try:
+                self.slots.write(generation, data)
+            except StorageError as err:
+                # The copy refused (no room to grow it, EIO): the file is already renamed into
+                # place, so it must be made durable itself before anyone is told it is recorded.
+                log.warning(
+                    "checkpoint.slots refused a write; made checkpoint.json durable instead",
+                    extra={"error": str(err)},
+                )
+                durable.sync_file(self.path)
         stat = os.stat(self.path)
         self._cache = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), written)
 

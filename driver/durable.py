@@ -56,6 +56,17 @@ def remove(path: Path, sync: bool = True) -> bool:
     return True
 
 
+def sync_file(path: Path) -> None:
+    """Persist the contents of a file written without fsync, and its name."""
+    with refused_as_storage_error("sync", path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sync_directory(path.parent)
+
+
 def sync_directory(directory: Path) -> None:
     """Persist renames and unlinks in `directory`."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from driver import checkpoint
+from driver import checkpoint, durable
 from driver.checkpoint import (
     Checkpoint,
     CheckpointCorrupt,
@@ -22,6 +22,7 @@ from driver.checkpoint import (
     encode,
 )
 from driver.claims import Consumer
+from driver.errors import StorageError
 from driver.locks import FileLocks
 from driver.model import Sharing, Strategy
 
@@ -224,3 +225,22 @@ def test_an_older_unidra_reads_a_version_with_a_generation(tmp_path: Path) -> No
     # What it writes back has no generation: that reads as generation 0, an older writer.
     assert b"generation" not in encode(Checkpoint("boot", sample().claims))
     assert decode(encode(Checkpoint("boot", sample().claims))).generation == 0
+
+
+def test_a_refusing_copy_makes_the_file_itself_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "checkpoint.json"
+    store = CheckpointStore(path, FileLocks(tmp_path / "lock"))
+    with store.update() as checkpoint:
+        checkpoint.boot_id = "a"
+
+    def refuse(generation: int, data: bytes) -> None:
+        raise StorageError("cannot write checkpoint.slots: No space left on device")
+
+    synced: list[Path] = []
+    monkeypatch.setattr(store.slots, "write", refuse)
+    monkeypatch.setattr(durable, "sync_file", synced.append)
+    with store.update() as checkpoint:
+        checkpoint.boot_id = "b"
+    assert store.read().boot_id == "b" and synced == [path]
