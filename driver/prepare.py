@@ -373,7 +373,7 @@ class Preparer:
                             taken.setdefault(held.device, set()).update(held.sharing.units)
             busy = taken.setdefault(device.name, set())
             units = sharing.assign_units(
-                sharing.total(device, COMPUTE_UNITS), item.sharing.compute_units, busy
+                sharing.total(device, COMPUTE_UNITS), item.sharing.compute_units, busy, device.name
             )
             busy.update(units)
             out.append(
@@ -465,8 +465,12 @@ class Preparer:
                     others.setdefault(device.device, []).append(_holding(label, device))
         for name, wanted in mine.items():
             problem = sharing.conflict(plan.items[name], others.get(name, []), wanted)
-            if problem:
-                raise ClaimError(f"{problem}; it is unprepared when that claim's pods are gone")
+            holders = sorted({h.claim for h in others.get(name, []) if not h.admin_access})
+            if problem and holders:
+                # Waiting helps: kubelet unprepares the holders when their pods are gone.
+                raise ClaimError(f"{problem}; held by {', '.join(holders)} until their pods end")
+            if problem:  # this claim's own allocations disagree: only changing the claim helps
+                raise ClaimError(problem)
             if sharing.units_taken(others.get(name, []), wanted):
                 raise UnitsTaken(f"compute units of device {name} went to another share meanwhile")
 

@@ -415,13 +415,16 @@ def device_state(sharings: Iterable[Sharing | None]) -> DeviceSharing | None:
     return None
 
 
-def assign_units(total: int, wanted: int, taken: Iterable[int]) -> tuple[int, ...]:
+def assign_units(
+    total: int, wanted: int, taken: Iterable[int], device: str = ""
+) -> tuple[int, ...]:
     """The lowest `wanted` unit indices that no other share holds (ranges need not be contiguous)."""
     busy = set(taken)
     free = [unit for unit in range(total) if unit not in busy]
     if len(free) < wanted:
+        where = f" on device {device}" if device else ""
         raise ClaimError(
-            f"only {len(free)} compute units are free for masks, but the share needs {wanted}"
+            f"only {len(free)} compute units are free for masks{where}, but the share needs {wanted}"
         )
     return tuple(free[:wanted])
 
