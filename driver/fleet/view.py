@@ -8,12 +8,13 @@ every figure (states, groups, largestFreeGroup, fragmentation).
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from driver import quantities
 
@@ -35,6 +36,7 @@ EXTENDED_RESOURCE_CLAIM = "resource.kubernetes.io/extended-resource-claim"
 IMPLICIT_EXTENDED_RESOURCE = "deviceclass.resource.kubernetes.io/"
 
 PoolKey = tuple[str, str]  # (driver, pool)
+_H = TypeVar("_H")
 DeviceKey = tuple[str, str, str]  # (driver, pool, device)
 ObjectKey = tuple[str, str]  # (namespace, name)
 Counters = tuple[tuple[str, Fraction], ...]
@@ -362,10 +364,28 @@ def _attribute(attributes: Mapping[str, Any], driver: str, name: str) -> Any:
 
 
 def _counters(value: Any) -> Counters:
+    return _parsed_counters(
+        tuple(
+            (_text(name), str(_map(entry).get("value", "")))
+            for name, entry in sorted(_map(value).items())
+        )
+    )
+
+
+@functools.lru_cache(maxsize=65536)
+def _shared(value: _H) -> _H:
+    """The first equal value seen: nodes of one model repeat the same consumed counters."""
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_counters(raw: tuple[tuple[str, str], ...]) -> Counters:
+    """One shared tuple per distinct set of counters: every node of a model publishes the same
+    ones for each of its partitions (about 60 times less memory with MIG layouts published)."""
     parsed = []
-    for name, entry in sorted(_map(value).items()):
+    for name, value in raw:
         try:
-            parsed.append((_text(name), quantities.parse(str(_map(entry).get("value", "")))))
+            parsed.append((name, quantities.parse(value)))
         except ValueError:
             continue  # an unreadable counter constrains nothing we could compute
     return tuple(parsed)
@@ -401,9 +421,11 @@ def parse_slice(obj: Mapping[str, Any]) -> SliceRecord:
                 domain=_text(_attribute(attributes, driver, "interconnectDomain")),
                 partition=_attribute(attributes, driver, "partition") is True,
                 profile=_text(_attribute(attributes, driver, "partitionProfile")),
-                consumes=tuple(
-                    (_text(_map(c).get("counterSet")), _counters(_map(c).get("counters")))
-                    for c in _list(entry.get("consumesCounters"))
+                consumes=_shared(
+                    tuple(
+                        (_text(_map(c).get("counterSet")), _counters(_map(c).get("counters")))
+                        for c in _list(entry.get("consumesCounters"))
+                    )
                 ),
                 taints=tuple(_taint(t, "ResourceSlice") for t in _list(entry.get("taints"))),
             )
