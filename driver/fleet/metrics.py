@@ -146,9 +146,15 @@ def _sync(sync: Mapping[Kind, Sync]) -> Iterator[Metric]:
         "Full lists of the kind: one at start, then one per expired watch (410 Gone).",
         labels=("kind",),
     )
+    failing = GaugeMetricFamily(
+        "unidra_fleet_watch_failing",
+        "1 while the kind's last list or watch failed: what the view shows of it may be stale.",
+        labels=("kind",),
+    )
     for kind in KINDS:
         state = sync.get(kind, Sync())
         synced.add_metric([kind], 1.0 if state.synced else 0.0)
         objects.add_metric([kind], float(state.objects))
         lists.add_metric([kind], float(state.lists))
-    yield from (synced, objects, lists)
+        failing.add_metric([kind], 1.0 if state.served and state.error else 0.0)
+    yield from (synced, objects, lists, failing)

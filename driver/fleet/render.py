@@ -351,8 +351,10 @@ def _wants(requests: Sequence[Request]) -> str:
 def _notes(report: Report) -> list[str]:
     notes = [
         f"note: {kind} not read: {s.error}"
+        if not s.served or not s.synced
+        else f"note: {kind} may be stale, its watch failed (retrying): {s.error}"
         for kind, s in report.sync.items()
-        if not s.served or (s.error and not s.synced)
+        if not s.served or s.error
     ]
     notes += [
         f"note: pool {pool} of {driver} is incomplete (being republished); its free devices are unavailable"

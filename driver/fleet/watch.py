@@ -105,6 +105,7 @@ class FleetWatcher:
                         version = self._relist(kind)
                     stream = self._collections[kind].watch(version, self.watch_seconds)
                     self._streams[kind] = stream
+                    self._watching(kind)
                     for event in stream.events():
                         meta = (event.get("object") or {}).get("metadata") or {}
                         version = str(meta.get("resourceVersion") or version)
@@ -183,9 +184,18 @@ class FleetWatcher:
         )
 
     def _failed(self, kind: Kind, err: UnidraError) -> None:
+        """The kind's list or watch broke: the view keeps what it had, said to be stale."""
         with self.changed:
             self.sync[kind] = dataclasses.replace(self.sync[kind], error=str(err))
+            self._bump()
         log.warning("Watch failed; retrying", extra={"kind": kind, "error": str(err)})
+
+    def _watching(self, kind: Kind) -> None:
+        """A watch is open again: the kind is current, whatever failed before."""
+        with self.changed:
+            if self.sync[kind].error and self.sync[kind].served:
+                self.sync[kind] = dataclasses.replace(self.sync[kind], error="")
+                self._bump()
 
     def _bump(self) -> None:
         self.version += 1

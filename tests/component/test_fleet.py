@@ -266,6 +266,38 @@ def test_an_expired_watch_relists_and_catches_up(api: FakeApiServer, watcher: Fl
     assert watcher.sync["ResourceClaim"].lists == 2 and watcher.sync["ResourceSlice"].lists == 1
 
 
+def test_a_failing_watch_is_reported_until_a_watch_opens_again(
+    api: FakeApiServer, watcher: FleetWatcher
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from driver.fleet import render as fleet_render
+    from driver.fleet.metrics import FleetCollector
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(watcher.summary))
+
+    def failing() -> float | None:
+        return sample(generate_latest(registry).decode(), "unidra_fleet_watch_failing", kind="Pod")
+
+    populate(api)
+    wait_until(lambda: watcher.synced and failing() == 0.0, what="the first lists")
+    broken = api.fail(
+        lambda method, path: method == "GET" and path.endswith("/pods"), status=500, times=None
+    )
+    # Kept-alive connections the server closed also fail a watch now and then (retried at
+    # once): wait for the refusals, which last until they are cleared.
+    wait_until(
+        lambda: broken.hits >= 2 and bool(watcher.sync["Pod"].error), what="the pod watch to fail"
+    )
+    assert failing() == 1.0
+    assert "note: Pod may be stale, its watch failed (retrying)" in fleet_render.tables(
+        watcher.report()
+    )
+    api.clear_faults()
+    wait_until(lambda: failing() == 0.0, what="a pod watch to open again")
+
+
 # -- the processes an operator runs -------------------------------------------------------------
 
 
