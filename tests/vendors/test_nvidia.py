@@ -124,6 +124,22 @@ def test_mig_mode_gpu_is_published_as_its_mig_devices(dgx) -> None:  # type: ign
     ]
 
 
+def test_missing_driver_files_are_one_error_that_names_the_remedy(
+    dgx, host: FakeHost, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    backend, _ = dgx
+    for library in (host.root / "usr/lib/x86_64-linux-gnu").glob("libcuda.so*"):
+        library.unlink()
+    devices = backend.discover()
+    with caplog.at_level(logging.WARNING, logger="vendors.nvidia"):
+        backend.shared_edits(devices[:1])
+        backend.discover()  # a rediscovery looks again: still missing, not said again
+        backend.shared_edits(devices[1:2])
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "--backend-option nvidia.driver-root=<dir>" in error.getMessage()
+    assert "libcuda.so.1" in error.missing  # type: ignore[attr-defined]
+
+
 def test_cdi_edits_for_the_node_and_driver_files(dgx) -> None:  # type: ignore[no-untyped-def]
     backend, _ = dgx
     devices = backend.discover()

@@ -123,6 +123,7 @@ class NvidiaBackend:
         self._gpus: dict[str, _Gpu] = {}
         self._lost: dict[str, str] = {}
         self._files: driver_files.DriverFiles | None = None
+        self._missing_said: list[str] = []
         # Device name -> the NVML event types registered for it (what the health monitor listens to).
         self.registered_events: dict[str, int] = {}
         self.sharing = NvidiaSharing(self.host, context.state_dir, self.driver_root or "/")
@@ -569,11 +570,23 @@ class NvidiaBackend:
             )
             self._files = driver_files.locate(self.host, version, self.driver_root)
             missing = self._files.missing()
-            if missing:  # once per set of missing files, not at every look
-                self.reads.failed(
-                    "driver files",
-                    f"locate {', '.join(missing)}",
-                    f"not found under {self._files.root}: CUDA containers would fail to load them",
+            # Said once per set of missing files (lookups repeat at every rediscovery): there is
+            # no fallback, so it is an error, not a failed optional read.
+            if missing and missing != self._missing_said:
+                self._missing_said = missing
+                log.error(
+                    "NVIDIA driver files not found: CUDA containers given a GPU would fail to load "
+                    "them. Name the driver's install root with --backend-option "
+                    "nvidia.driver-root=<dir> (the GPU Operator's /run/nvidia/driver: add "
+                    "manifests/components/nvidia-gpu-operator)",
+                    extra={
+                        "missing": ", ".join(missing),
+                        "searched": "the loader cache, "
+                        + ", ".join(
+                            [self._files.root]
+                            + ([] if self.driver_root else list(driver_files.KNOWN_ROOTS))
+                        ),
+                    },
                 )
         return self._files
 
