@@ -73,6 +73,21 @@ def missing_binaries(directory: Path) -> list[str]:
     ]
 
 
+def stop_process(
+    process: subprocess.Popen[Any], grace: float = 10.0, signum: int = signal.SIGTERM
+) -> int:
+    """Send `signum`, wait up to `grace` seconds, then kill: nothing outlives whoever started it.
+    Returns the exit code (negative: the signal that ended it)."""
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -110,13 +125,8 @@ class Component:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from driver.kubelet import client as kubelet  # noqa: E402
+from driver.localcluster import free_port, stop_process  # noqa: E402
 
 NODE = "node-a"
 BENCH_GPUS = 128  # enough for 16 concurrent callers holding 8 devices each
@@ -97,14 +97,7 @@ class Process:
             return r.read().decode()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        stop_process(self.proc, 30)
 
 
 def histogram(text: str, name: str, label: str) -> dict[str, tuple[float, float]]:

@@ -47,7 +47,7 @@ from benchkit import (
 
 from driver.kubelet import client as kubelet
 from driver.kubelet.gen.dra.v1 import api_pb2, api_pb2_grpc
-from driver.localcluster import LocalCluster
+from driver.localcluster import LocalCluster, stop_process
 
 GO_DRIVER = "test-driver.cdi.k8s.io"
 CLAIMS = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims"
@@ -105,8 +105,7 @@ def go_driver(cluster: LocalCluster, root: Path) -> Iterator[Driver]:
         yield Driver("go-reference", GO_DRIVER, go_device, plugin, process.pid)
         plugin.close()
     finally:
-        process.terminate()
-        process.wait(30)
+        stop_process(process, 30)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from driver import inventory
 from driver.backends import BackendContext
 from driver.checkpoint import CheckpointStore, PreparedClaim
-from driver.localcluster import LocalCluster, free_port
+from driver.localcluster import LocalCluster, free_port, stop_process
 from driver.locks import FileLocks
 from support.waiting import wait_until
 from vendors.simulated import SimulatedBackend
@@ -154,10 +154,7 @@ class PluginProcess:
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        code = self.process.wait(timeout)
-        return code
+        return stop_process(self.process, timeout, signum)
 
     def metrics(self) -> str:
         return scrape(self.metrics_port)

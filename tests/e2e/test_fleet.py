@@ -5,7 +5,6 @@ every change from watches (JSON reports and metrics) without listing again."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from e2e.plugin import (
 )
 
 from driver.fleet.view import KINDS
-from driver.localcluster import LocalCluster, free_port
+from driver.localcluster import LocalCluster, free_port, stop_process
 from support.waiting import wait_until
 
 NS = "e2e-fleet"
@@ -139,8 +138,7 @@ class FleetWatch:
         assert lists == dict.fromkeys(KINDS, 1.0)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(30)
+        code = stop_process(self.process, 30)
         assert code == 0, f"the fleet exited with {code}:\n{self.log.read_text()[-3000:]}"
         assert "Traceback" not in self.log.read_text()
 
