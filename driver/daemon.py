@@ -15,13 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -64,7 +62,7 @@ from driver.model import HealthEvent, Partition
 from driver.prepare import ClaimSource, Preparer, Timings
 from driver.publisher import Plan, Publisher, TokenBucket
 from driver.settings import Settings
-from driver.supervisor import Supervisor
+from driver.supervisor import Supervisor, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -414,15 +412,7 @@ def _start(
 def run(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; the exit code for the CLI."""
     os.umask(0o077)  # sockets, checkpoint and lock file: readable and writable by the driver only
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        # A second signal gets the default action, so a stuck shutdown can still be killed.
-        signal.signal(signum, signal.SIG_DFL)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals()
     daemon = start(settings)
     log.info("Ready", extra={"driver": settings.driver_name, "node": settings.node_name})
     stop.wait()

@@ -1,18 +1,36 @@
 """Named background loops that are restarted, never silently lost: a crash or an unexpected return is
-logged, counted and followed by a restart after a capped, jittered back-off.
+logged, counted and followed by a restart after a capped, jittered back-off; and the stop request
+(SIGTERM, SIGINT) that ends them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
 Loop = Callable[[threading.Event], None]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets. A second signal gets the default action, so a stuck
+    shutdown can still be killed. Outside the main thread (tests) no handler is installed."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+    return stop
 
 
 @dataclass

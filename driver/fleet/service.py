@@ -3,11 +3,9 @@ reprinting on change (--watch) and serving it as Prometheus metrics (--serve-met
 
 from __future__ import annotations
 
-import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry
@@ -18,7 +16,7 @@ from driver.fleet.metrics import FleetCollector, recompute_histogram
 from driver.fleet.view import DEFAULT_JOB_SIZES, KINDS
 from driver.fleet.watch import FleetWatcher
 from driver.metrics import serve_http
-from driver.supervisor import Supervisor
+from driver.supervisor import Supervisor, stop_on_signals
 
 # Between reports: YAML documents, JSON values one after another (jq reads them), tables apart.
 _WATCH_SEPARATORS = {"yaml": "---\n", "json": "", "table": "\n"}
@@ -48,7 +46,7 @@ def run(options: FleetOptions, out: TextIO, stop: threading.Event | None = None)
         watcher.load()
         print(fleet_render.render(watcher.report(), options.output), file=out, flush=True)
         return 0
-    stop = stop or _stop_on_signals()
+    stop = stop or stop_on_signals()
     registry = CollectorRegistry()
     watcher.on_refresh = recompute_histogram(registry).observe
     registry.register(FleetCollector(watcher.summary))
@@ -92,15 +90,3 @@ def _print_changes(
         if text != printed:
             print(_WATCH_SEPARATORS[options.output] + text, file=out, flush=True)
             printed = text
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-    return stop
