@@ -91,6 +91,11 @@ def numa_node(sysfs_dir: Path) -> int | None:
         return None
 
 
+def numa_of(host_root: Path, bdf: str) -> int | None:
+    """The NUMA node of the function at `bdf`, for a vendor tool that could not say it."""
+    return function_numa(host_root, host_root / "sys/bus/pci/devices" / bdf)
+
+
 def function_numa(host_root: Path, sysfs_dir: Path) -> int | None:
     """The function's NUMA node: sysfs `numa_node`, else the one node holding its local CPUs."""
     node = numa_node(sysfs_dir)

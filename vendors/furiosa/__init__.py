@@ -87,7 +87,8 @@ class FuriosaBackend:
                 return self.reads.read(bdf, call, lambda: getattr(card, call)(), errors)
 
             numa = pci.parse_numa(read("numa_node"))
-            function = pci.read(self.host.root, bdf) if numa is None else None
+            if numa is None:
+                numa = pci.numa_of(self.host.root, bdf)
             memory = read("memory_usage")
             product = read("product_name")
             arch = read("arch")
@@ -106,7 +107,7 @@ class FuriosaBackend:
                 compute_units=_integer(read("core_num")) or None,
                 pci_bus_id=bdf,
                 pcie_root=pci.pcie_root(self.host.root, bdf),
-                numa_node=numa if numa is not None else function.numa_node if function else None,
+                numa_node=numa,
                 driver_version=driver_version,
                 firmware_version=str(firmware) if firmware is not None else None,
                 precisions=frozenset({"bf16", "fp8", "int8", "int4"}),

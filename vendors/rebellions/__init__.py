@@ -98,7 +98,8 @@ class RebellionsBackend:
             members = groups.get(group, []) if group is not None else []
             identity = self._uuid(entry) or bdf
             numa = pci.parse_numa(_field(entry, "pci", "numa_node"))
-            function = pci.read(self.host.root, bdf) if numa is None else None
+            if numa is None:
+                numa = pci.numa_of(self.host.root, bdf)
             device = Device(
                 backend=self.name,
                 vendor="rebellions",
@@ -111,7 +112,7 @@ class RebellionsBackend:
                 compute_units=model.engines or None,
                 pci_bus_id=bdf,
                 pcie_root=pci.pcie_root(self.host.root, bdf),
-                numa_node=numa if numa is not None else function.numa_node if function else None,
+                numa_node=numa,
                 driver_version=kmd,
                 firmware_version=_text(entry.get("fw_ver")),
                 precisions=model.precisions,
