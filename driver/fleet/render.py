@@ -348,9 +348,16 @@ def _wants(requests: Sequence[Request]) -> str:
     )
 
 
+# What makes a kind readable that the API server does not serve.
+_REMEDIES = {
+    "DeviceTaintRule": " (where the API server does not serve them, Kubernetes 1.36 needs "
+    "resource.k8s.io/v1beta2 served and the DRADeviceTaintRules feature gate)",
+}
+
+
 def _notes(report: Report) -> list[str]:
     notes = [
-        f"note: {kind} not read: {s.error}"
+        f"note: {kind} not read: {s.error}{_REMEDIES.get(kind, '') if not s.served else ''}"
         if not s.served or not s.synced
         else f"note: {kind} may be stale, its watch failed (retrying): {s.error}"
         for kind, s in report.sync.items()

@@ -139,11 +139,14 @@ class FleetWatcher:
                 stream.close()
 
     def _relist(self, kind: Kind) -> str:
-        records: dict[ObjectKey, Record | None] = {}
+        records: dict[ObjectKey, Record] = {}
         version = ""
         for page, listed_at in self._collections[kind].pages(PAGE_SIZES.get(kind, 500)):
             # Parsed outside the lock and page by page: only compact records are kept.
-            records.update((object_key(o), parse(kind, o)) for o in page)
+            # Objects not kept (most pods and nodes) are left out: absent is what removes them.
+            records.update(
+                (object_key(o), record) for o in page if (record := parse(kind, o)) is not None
+            )
             version = listed_at
         with self.changed:
             self.fleet.replace_parsed(kind, records)

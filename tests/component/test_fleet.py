@@ -132,6 +132,7 @@ def test_rules_an_api_server_does_not_serve_are_left_out_with_a_note(
     assert run.returncode == 0, run.stderr
     assert "DeviceTaintRule/training" not in run.stdout
     assert "note: DeviceTaintRule not read: the API server serves no DeviceTaintRules" in run.stdout
+    assert "the DRADeviceTaintRules feature gate" in run.stdout
 
 
 def test_pods_the_role_may_not_read_are_left_out_with_a_note(
