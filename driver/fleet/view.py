@@ -381,7 +381,7 @@ def _shared(value: _H) -> _H:
 @functools.lru_cache(maxsize=4096)
 def _parsed_counters(raw: tuple[tuple[str, str], ...]) -> Counters:
     """One shared tuple per distinct set of counters: every node of a model publishes the same
-    ones for each of its partitions (about 60 times less memory with MIG layouts published)."""
+    ones for each of its partitions (a DGX node with its MIG placements: 270 KiB, now 61)."""
     parsed = []
     for name, value in raw:
         try:

@@ -1,9 +1,10 @@
 """Keep a Fleet current from the API server: one list+watch per kind, a relist only on 410 Gone.
 
 Each kind (ResourceSlices, ResourceClaims, DeviceTaintRules, Pods, Nodes, DeviceClasses) has its
-own loop under the supervisor. A watch that ends or breaks resumes from the last resourceVersion it saw (with
-bookmarks), so a healthy cluster is listed once; a relist replaces that kind's records and
-dirties only the pools whose objects changed. Views are recomputed on demand, under one lock.
+own loop under the supervisor. A watch that ends or breaks resumes from the last resourceVersion
+it saw (with bookmarks), so a healthy cluster is listed once; a relist replaces that kind's
+records and dirties only the pools whose objects changed. Views are recomputed on demand, under
+one lock.
 """
 
 from __future__ import annotations
